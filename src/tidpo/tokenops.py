@@ -1,0 +1,320 @@
+"""Token-level tensor operations shared by the TI-DPO losses and the trainer.
+
+Every per-token tensor ``[B, T]`` here is ALIGNED WITH INPUT POSITIONS: the value at position ``t``
+belongs to the token ``input_ids[:, t]`` (its log-prob comes from ``logits[:, t - 1]``), and position 0
+always holds 0. A response mask is 1 at the positions whose token is a response token.
+
+Memory (spec §4, §10): the log-probs of the labels and the sequential KL are computed over the
+vocabulary in chunks of ``chunk_size`` flattened ``B * T`` rows by custom autograd functions. The
+forward pass keeps only one ``[chunk_size, V]`` float32 block alive at a time and saves for backward
+just the logits themselves (already alive in the caller's graph) plus one float32 log-normaliser per
+row; the backward pass recomputes the softmax chunk by chunk. So no ``[B, T, V]`` log-softmax is ever
+materialised, in either direction; the only full-size tensor created is the gradient of the logits,
+which autograd needs anyway.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "DEFAULT_CHUNK_SIZE",
+    "NonFiniteError",
+    "check_finite",
+    "label_logprobs",
+    "pack_to_response_start",
+    "sequential_kl",
+    "token_logprobs",
+]
+
+# 1024 rows x 49k vocab x 4 bytes = 200 MB per float32 block: small next to a model, large enough
+# that the Python loop overhead is negligible.
+DEFAULT_CHUNK_SIZE = 1024
+IGNORE_INDEX = -100
+
+
+class NonFiniteError(FloatingPointError):
+    """A tensor that must be finite holds NaN or Inf (the run is broken; never hidden, spec §10)."""
+
+
+def check_finite(name: str, tensor: Tensor, *, rows: Tensor | None = None, step: int | None = None) -> None:
+    """Raise :class:`NonFiniteError` if ``tensor`` holds NaN or Inf (spec §10: fail loudly).
+
+    Not an equation of the paper: a guard around all of them (Eq. 5-14).
+
+    Args:
+        name: what the tensor is, used in the message.
+        tensor: any shape; dimension 0 is taken as the batch dimension.
+        rows: optional identifiers of the batch rows (e.g. dataset indices), shape ``[B]``; when given,
+            the message lists these identifiers next to the row numbers.
+        step: optional training step, quoted in the message.
+    """
+    if not torch.is_floating_point(tensor) and not torch.is_complex(tensor):
+        return  # integer tensors cannot hold NaN/Inf
+    finite = torch.isfinite(tensor)
+    if bool(finite.all()):
+        return
+    n_nan = int(torch.isnan(tensor).sum())
+    n_inf = int(torch.isinf(tensor).sum())
+    parts = [f"{name} contains non-finite values ({n_nan} NaN, {n_inf} Inf"]
+    if tensor.dim() == 0:
+        parts.append(")")
+    else:
+        bad = (~finite).reshape(tensor.shape[0], -1).any(dim=1).nonzero().flatten().tolist()
+        parts.append(f") in batch rows {bad}")
+        if rows is not None:
+            ids = rows.detach().flatten().cpu()
+            parts.append(f" (row ids {[ids[i].item() for i in bad if i < ids.numel()]})")
+    if step is not None:
+        parts.append(f" at step {step}")
+    parts.append(f"; shape {tuple(tensor.shape)}, dtype {tensor.dtype}.")
+    raise NonFiniteError("".join(parts))
+
+
+def _chunks(n_rows: int, rows: Tensor | None, chunk_size: int) -> Iterator[slice | Tensor]:
+    """Row selectors of at most ``chunk_size`` rows: slices (views) for all rows, index tensors otherwise."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if rows is None:
+        for start in range(0, n_rows, chunk_size):
+            yield slice(start, min(start + chunk_size, n_rows))
+    else:
+        for start in range(0, rows.numel(), chunk_size):
+            yield rows[start : start + chunk_size]
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half/bf16/float32 logits (softmax sums need it), float64 kept (for gradcheck)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class _LabelLogprob(torch.autograd.Function):
+    """log softmax(z)[label] per row of a 2-D ``[N, V]`` tensor, chunked (see module docstring)."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, labels: Tensor, rows: Tensor | None, chunk_size: int) -> Tensor:  # type: ignore[override]
+        ctx.dtype = _compute_dtype(logits.dtype)
+        out = torch.zeros(logits.shape[0], dtype=ctx.dtype, device=logits.device)
+        lse = torch.zeros(logits.shape[0], dtype=ctx.dtype, device=logits.device)
+        for sel in _chunks(logits.shape[0], rows, chunk_size):
+            block = logits[sel].to(ctx.dtype)
+            lse_sel = torch.logsumexp(block, dim=-1)
+            lse[sel] = lse_sel
+            out[sel] = block.gather(-1, labels[sel].unsqueeze(-1)).squeeze(-1) - lse_sel
+        ctx.save_for_backward(logits, labels, lse, rows if rows is not None else torch.empty(0))
+        ctx.all_rows = rows is None
+        ctx.chunk_size = chunk_size
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        logits, labels, lse, rows = ctx.saved_tensors
+        rows = None if ctx.all_rows else rows
+        grad = torch.zeros_like(logits)
+        for sel in _chunks(logits.shape[0], rows, ctx.chunk_size):
+            g = grad_out[sel].to(ctx.dtype).unsqueeze(-1)
+            # d/dz (z_label - lse(z)) = onehot(label) - softmax(z)
+            block = -torch.exp(logits[sel].to(ctx.dtype) - lse[sel].unsqueeze(-1)) * g
+            block.scatter_add_(-1, labels[sel].unsqueeze(-1), g)
+            grad[sel] = block.to(grad.dtype)
+        return grad, None, None, None
+
+
+def label_logprobs(
+    logits: Tensor, labels: Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE, *, mask: Tensor | None = None
+) -> Tensor:
+    """Log-probability of each label under its own logits row, without a full log-softmax.
+
+    Implements ``log pi(y_t | x, y_<t)``, the ingredient of the log-ratios ``r_t`` (spec §1, Eq. 9-12):
+    ``out[..., i] = logits[..., i, labels[..., i]] - logsumexp(logits[..., i, :])``. NO shift is applied
+    (the caller aligns labels with logits); see :func:`token_logprobs` for input-aligned log-probs.
+
+    Args:
+        logits: ``[..., V]`` in any float dtype.
+        labels: ``[...]`` integer token ids; ``-100`` (ignore index) gives 0 and no gradient.
+        chunk_size: number of flattened rows processed at once (float32 per chunk).
+        mask: optional ``[...]``; rows where it is 0 are skipped (0 output, no compute).
+
+    Returns:
+        float32 ``[...]`` (float64 for float64 logits), differentiable w.r.t. ``logits``.
+    """
+    if logits.shape[:-1] != labels.shape:
+        raise ValueError(
+            f"label_logprobs: logits {tuple(logits.shape)} do not match labels {tuple(labels.shape)}"
+        )
+    vocab = logits.shape[-1]
+    flat = logits.reshape(-1, vocab)  # a view for contiguous logits: no copy
+    flat_labels = labels.reshape(-1).long()
+    valid = flat_labels != IGNORE_INDEX
+    if mask is not None:
+        valid = valid & mask.reshape(-1).bool()
+    bad = valid & ((flat_labels < 0) | (flat_labels >= vocab))
+    if bool(bad.any()):
+        raise ValueError(
+            f"label_logprobs: label ids outside [0, {vocab}) at flattened rows {bad.nonzero()[:5].flatten().tolist()}"
+        )
+    safe_labels = torch.where(valid, flat_labels, torch.zeros_like(flat_labels))
+    rows = None if bool(valid.all()) else valid.nonzero().flatten()
+    out = _LabelLogprob.apply(flat, safe_labels, rows, chunk_size)
+    out = out.reshape(labels.shape)
+    check_finite("label log-probs (logits hold NaN/Inf, or a label has probability 0)", out)
+    return out
+
+
+def token_logprobs(
+    logits: Tensor, input_ids: Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE, *, mask: Tensor | None = None
+) -> Tensor:
+    """Per-token log-probs aligned with input positions: ``out[:, t] = log pi(input_ids[:, t] | <t)``.
+
+    The building block of ``r_t = log pi_theta(y_t | x, y_<t) - log pi_ref(y_t | x, y_<t)`` (spec §1,
+    Eq. 9-12). ``out[:, t]`` comes from ``logits[:, t - 1]``; ``out[:, 0] = 0``. Computed in chunks of
+    flattened rows, never as a full ``[B, T, V]`` log-softmax (see the module docstring).
+
+    Args:
+        logits: ``[B, T, V]`` causal-LM logits for ``input_ids``.
+        input_ids: ``[B, T]``.
+        chunk_size: flattened rows per float32 chunk.
+        mask: optional ``[B, T]`` input-aligned mask (e.g. the completion mask): only those positions
+            are computed, the others are 0 — saves the prompt's share of the vocabulary work.
+
+    Returns:
+        float32 ``[B, T]`` (float64 for float64 logits), differentiable w.r.t. ``logits``.
+    """
+    if logits.dim() != 3 or input_ids.shape != logits.shape[:2]:
+        raise ValueError(
+            f"token_logprobs: expected logits [B, T, V] and input_ids [B, T], got {tuple(logits.shape)} "
+            f"and {tuple(input_ids.shape)}"
+        )
+    # Row (b, t) of the logits predicts input_ids[b, t + 1]; the last row predicts nothing. Using
+    # every row of the (contiguous) logits keeps the reshape a view instead of copying logits[:, :-1].
+    labels = torch.full_like(input_ids, IGNORE_INDEX, dtype=torch.long)
+    labels[:, :-1] = input_ids[:, 1:]
+    if mask is not None:
+        shifted = torch.zeros_like(mask, dtype=torch.bool)
+        shifted[:, :-1] = mask[:, 1:].bool()
+        labels = labels.masked_fill(~shifted, IGNORE_INDEX)
+    next_token = label_logprobs(logits, labels, chunk_size)
+    return torch.nn.functional.pad(next_token[:, :-1], (1, 0))
+
+
+class _SequentialKL(torch.autograd.Function):
+    """KL(softmax(ref) || softmax(policy)) per row of ``[N, V]`` tensors, chunked; grad to policy only."""
+
+    @staticmethod
+    def forward(ctx, ref: Tensor, policy: Tensor, rows: Tensor | None, chunk_size: int) -> Tensor:  # type: ignore[override]
+        ctx.dtype = _compute_dtype(policy.dtype)
+        out = torch.zeros(policy.shape[0], dtype=ctx.dtype, device=policy.device)
+        lse_pol = torch.zeros(policy.shape[0], dtype=ctx.dtype, device=policy.device)
+        lse_ref = torch.zeros(policy.shape[0], dtype=ctx.dtype, device=policy.device)
+        for sel in _chunks(policy.shape[0], rows, chunk_size):
+            r = ref[sel].to(ctx.dtype)
+            p = policy[sel].to(ctx.dtype)
+            lr_norm = torch.logsumexp(r, dim=-1, keepdim=True)
+            lp_norm = torch.logsumexp(p, dim=-1, keepdim=True)
+            log_ref = r - lr_norm
+            log_pol = p - lp_norm
+            p_ref = torch.exp(log_ref)
+            # 0 * log 0 = 0: tokens the reference rules out (logit -inf) contribute nothing.
+            term = torch.where(p_ref > 0, p_ref * (log_ref - log_pol), torch.zeros_like(p_ref))
+            out[sel] = term.sum(dim=-1)
+            lse_pol[sel] = lp_norm.squeeze(-1)
+            lse_ref[sel] = lr_norm.squeeze(-1)
+        ctx.save_for_backward(ref, policy, lse_ref, lse_pol, rows if rows is not None else torch.empty(0))
+        ctx.all_rows = rows is None
+        ctx.chunk_size = chunk_size
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        ref, policy, lse_ref, lse_pol, rows = ctx.saved_tensors
+        rows = None if ctx.all_rows else rows
+        grad = torch.zeros_like(policy)
+        for sel in _chunks(policy.shape[0], rows, ctx.chunk_size):
+            p_ref = torch.exp(ref[sel].to(ctx.dtype) - lse_ref[sel].unsqueeze(-1))
+            p_pol = torch.exp(policy[sel].to(ctx.dtype) - lse_pol[sel].unsqueeze(-1))
+            # d KL / d z_theta = softmax(z_theta) - softmax(z_ref)
+            grad[sel] = ((p_pol - p_ref) * grad_out[sel].to(ctx.dtype).unsqueeze(-1)).to(grad.dtype)
+        return None, grad, None, None
+
+
+def sequential_kl(
+    ref_logits: Tensor,
+    policy_logits: Tensor,
+    mask: Tensor | None = None,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> Tensor:
+    """Per-position ``KL(pi_ref(.|<t) || pi_theta(.|<t))`` over the full vocabulary (spec §4, TDPO term).
+
+    ``out[:, t] = sum_v p_ref(v) (log p_ref(v) - log p_theta(v))`` with both distributions taken from
+    the logits at ``t - 1`` (input-aligned like :func:`token_logprobs`); ``out[:, 0] = 0``. Summing
+    ``out`` over the response gives ``KL_seq(y)`` of spec §4. Computed in chunks of flattened rows;
+    gradient flows to ``policy_logits`` only (the reference is treated as a constant).
+
+    Args:
+        ref_logits, policy_logits: ``[B, T, V]``.
+        mask: optional ``[B, T]`` input-aligned response mask; positions where it is 0 are not
+            computed and hold 0. Without it every position is computed (caller masks).
+        chunk_size: flattened rows per float32 chunk.
+
+    Returns:
+        float32 ``[B, T]`` (float64 for float64 logits).
+    """
+    if ref_logits.shape != policy_logits.shape or policy_logits.dim() != 3:
+        raise ValueError(
+            f"sequential_kl: expected equal [B, T, V] shapes, got {tuple(ref_logits.shape)} and "
+            f"{tuple(policy_logits.shape)}"
+        )
+    bsz, length, vocab = policy_logits.shape
+    # Row (b, t) of the logits holds the distribution of token t + 1; the last row is never needed.
+    needed = torch.zeros(bsz, length, dtype=torch.bool, device=policy_logits.device)
+    if mask is None:
+        needed[:, :-1] = True
+    else:
+        if mask.shape != (bsz, length):
+            raise ValueError(
+                f"sequential_kl: mask {tuple(mask.shape)} does not match logits [B, T] = {(bsz, length)}"
+            )
+        needed[:, :-1] = mask[:, 1:].bool()
+    rows = needed.reshape(-1).nonzero().flatten()
+    kl = _SequentialKL.apply(
+        ref_logits.detach().reshape(-1, vocab), policy_logits.reshape(-1, vocab), rows, chunk_size
+    )
+    out = torch.nn.functional.pad(kl.reshape(bsz, length)[:, :-1], (1, 0))
+    check_finite("sequential KL (logits hold NaN/Inf, or the policy rules out a reference token)", out)
+    return out
+
+
+def pack_to_response_start(values: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Move each row's masked values to the front, in order: index 0 = first response token.
+
+    Builds the per-response vectors ``b = r(y_w)``, ``c = r(y_l)``, ``d = r(y_a)`` of the triplet
+    loss (spec §5, Eq. 13), so that position ``t`` of each vector is the ``t``-th response token.
+
+    Args:
+        values: ``[B, T]``.
+        mask: ``[B, T]``, nonzero at the positions to keep.
+
+    Returns:
+        ``(packed, packed_mask)``, both ``[B, N]`` with ``N`` the largest count of kept positions in a
+        row; ``packed`` is zero past each row's count and differentiable w.r.t. ``values`` (a gather);
+        ``packed_mask`` is bool.
+    """
+    if values.shape != mask.shape or values.dim() != 2:
+        raise ValueError(
+            f"pack_to_response_start: expected equal [B, T] shapes, got {tuple(values.shape)} and {tuple(mask.shape)}"
+        )
+    keep = mask.bool()
+    counts = keep.sum(dim=1)
+    n = int(counts.max()) if keep.numel() else 0
+    # A stable sort that puts kept positions (key 0) before dropped ones (key 1) keeps their order.
+    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :n]
+    packed_mask = torch.arange(n, device=values.device).unsqueeze(0) < counts.unsqueeze(1)
+    # where, not a product: a NaN in a dropped slot must not leak into the padding.
+    packed = torch.where(
+        packed_mask, values.gather(1, order), torch.zeros((), dtype=values.dtype, device=values.device)
+    )
+    return packed, packed_mask

@@ -1,0 +1,263 @@
+"""Tests of tidpo.tokenops: chunked log-probs / KL against naive full-tensor versions, packing, guards."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tidpo.tokenops import (
+    NonFiniteError,
+    check_finite,
+    label_logprobs,
+    pack_to_response_start,
+    sequential_kl,
+    token_logprobs,
+)
+
+CHUNKS = [1, 4, 7, 1000]  # 7 does not divide B * T = 15; 1000 covers everything in one chunk
+
+
+def naive_token_logprobs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    full = torch.log_softmax(logits.double(), dim=-1)[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
+    return F.pad(full, (1, 0))
+
+
+def naive_kl(ref: torch.Tensor, pol: torch.Tensor) -> torch.Tensor:
+    lr = torch.log_softmax(ref.double(), dim=-1)
+    lp = torch.log_softmax(pol.double(), dim=-1)
+    return F.pad((lr.exp() * (lr - lp)).sum(-1)[:, :-1], (1, 0))
+
+
+@pytest.fixture
+def batch():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 5, 11, generator=gen) * 3
+    ids = torch.randint(0, 11, (3, 5), generator=gen)
+    ref = torch.randn(3, 5, 11, generator=gen) * 3
+    return logits, ids, ref
+
+
+# ----------------------------------------------------------------------------- token_logprobs
+
+
+def test_token_logprobs_hand_computed():
+    # One row, V = 2: logits at t=0 are (0, log 3) -> p(token 1) = 3/4.
+    logits = torch.tensor([[[0.0, math.log(3.0)], [5.0, 5.0]]])
+    ids = torch.tensor([[0, 1]])
+    out = token_logprobs(logits, ids)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, torch.tensor([[0.0, math.log(0.75)]]))
+
+
+@pytest.mark.parametrize("chunk", CHUNKS)
+def test_token_logprobs_matches_naive_values_and_grads(batch, chunk):
+    logits, ids, _ = batch
+    a = logits.clone().requires_grad_(True)
+    b = logits.clone().double().requires_grad_(True)
+    out = token_logprobs(a, ids, chunk_size=chunk)
+    ref = naive_token_logprobs(b, ids)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    assert torch.all(out[:, 0] == 0)
+    upstream = torch.randn(3, 5, generator=torch.Generator().manual_seed(1))
+    (out * upstream).sum().backward()
+    (ref * upstream.double()).sum().backward()
+    torch.testing.assert_close(a.grad.double(), b.grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 1000])
+def test_token_logprobs_mask_skips_positions(batch, chunk):
+    logits, ids, _ = batch
+    mask = torch.tensor([[0, 0, 1, 1, 0], [0, 1, 1, 1, 1], [0, 0, 0, 0, 0]])
+    a = logits.clone().requires_grad_(True)
+    out = token_logprobs(a, ids, chunk_size=chunk, mask=mask)
+    full = naive_token_logprobs(logits, ids)
+    torch.testing.assert_close(out.double(), full * mask, atol=1e-5, rtol=1e-5)
+    out.sum().backward()
+    # Logit rows feeding unmasked positions (and the last row) receive no gradient.
+    used = torch.zeros(3, 5, dtype=torch.bool)
+    used[:, :-1] = mask[:, 1:].bool()
+    assert torch.all(a.grad[~used] == 0)
+    assert torch.all(a.grad[used].abs().sum(-1) > 0)
+
+
+def test_token_logprobs_bf16_is_float32_and_close(batch):
+    logits, ids, _ = batch
+    out = token_logprobs(logits.bfloat16(), ids, chunk_size=4)
+    assert out.dtype == torch.float32
+    ref = naive_token_logprobs(logits.bfloat16().float(), ids)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    a = logits.bfloat16().requires_grad_(True)
+    token_logprobs(a, ids).sum().backward()
+    assert a.grad.dtype == torch.bfloat16
+
+
+def test_token_logprobs_gradcheck():
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 4, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    ids = torch.randint(0, 5, (2, 4), generator=gen)
+    mask = torch.tensor([[0, 1, 1, 0], [1, 1, 1, 1]])
+    assert torch.autograd.gradcheck(lambda x: token_logprobs(x, ids, chunk_size=3), (logits,))
+    assert torch.autograd.gradcheck(lambda x: token_logprobs(x, ids, chunk_size=2, mask=mask), (logits,))
+
+
+def test_label_logprobs_ignore_index_and_range():
+    logits = torch.randn(4, 6, requires_grad=True)
+    labels = torch.tensor([1, -100, 5, 0])
+    out = label_logprobs(logits, labels, chunk_size=3)
+    assert out[1] == 0
+    torch.testing.assert_close(out[[0, 2, 3]], torch.log_softmax(logits, -1).detach()[[0, 2, 3], [1, 5, 0]])
+    out.sum().backward()
+    assert torch.all(logits.grad[1] == 0)
+    with pytest.raises(ValueError, match="outside"):
+        label_logprobs(logits, torch.tensor([1, 6, 0, 0]))
+    with pytest.raises(ValueError, match="do not match"):
+        label_logprobs(logits, torch.tensor([1, 2]))
+
+
+def test_token_logprobs_nan_raises(batch):
+    logits, ids, _ = batch
+    logits = logits.clone()
+    logits[1, 2, 3] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"batch rows \[1\]"):
+        token_logprobs(logits, ids)
+
+
+def test_token_logprobs_bad_shapes(batch):
+    logits, ids, _ = batch
+    with pytest.raises(ValueError):
+        token_logprobs(logits, ids[:, :-1])
+
+
+# ----------------------------------------------------------------------------- sequential_kl
+
+
+def test_sequential_kl_hand_computed():
+    # p_ref = (1/2, 1/2), p_theta = (1/4, 3/4): KL = 0.5 log 2 + 0.5 log(2/3).
+    ref = torch.tensor([[[0.0, 0.0], [1.0, 2.0]]])
+    pol = torch.tensor([[[0.0, math.log(3.0)], [0.0, 0.0]]])
+    out = sequential_kl(ref, pol)
+    expected = 0.5 * math.log(2.0) + 0.5 * math.log(2.0 / 3.0)
+    torch.testing.assert_close(out, torch.tensor([[0.0, expected]]))
+
+
+@pytest.mark.parametrize("chunk", CHUNKS)
+def test_sequential_kl_matches_naive(batch, chunk):
+    logits, _, ref_logits = batch
+    ref_leaf = ref_logits.clone().requires_grad_(True)
+    a = logits.clone().requires_grad_(True)
+    b = logits.clone().double().requires_grad_(True)
+    out = sequential_kl(ref_leaf, a, chunk_size=chunk)
+    expected = naive_kl(ref_logits, b)
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+    assert torch.all(out >= -1e-6)
+    upstream = torch.randn(3, 5, generator=torch.Generator().manual_seed(2))
+    (out * upstream).sum().backward()
+    (expected * upstream.double()).sum().backward()
+    torch.testing.assert_close(a.grad.double(), b.grad, atol=1e-5, rtol=1e-5)
+    assert ref_leaf.grad is None  # the reference is a constant
+
+
+def test_sequential_kl_mask_zero_when_equal_and_gradcheck(batch):
+    logits, _, ref_logits = batch
+    mask = torch.tensor([[0, 0, 1, 1, 1], [0, 1, 1, 0, 0], [0, 0, 0, 0, 1]])
+    out = sequential_kl(ref_logits, logits, mask, chunk_size=2)
+    torch.testing.assert_close(out.double(), naive_kl(ref_logits, logits) * mask, atol=1e-5, rtol=1e-5)
+    same = sequential_kl(logits, logits + 7.0)  # a shift of all logits leaves the distribution unchanged
+    assert same.abs().max() < 1e-5
+    ref64 = ref_logits[:2, :3, :4].double()
+    pol64 = logits[:2, :3, :4].double().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x: sequential_kl(ref64, x, chunk_size=2), (pol64,))
+    assert torch.autograd.gradcheck(lambda x: sequential_kl(ref64, x, mask[:2, :3], chunk_size=1), (pol64,))
+
+
+def test_sequential_kl_reference_zero_probability_tokens():
+    # A token the reference rules out (logit -inf) contributes 0, not NaN.
+    ref = torch.tensor([[[0.0, float("-inf"), 0.0], [0.0, 0.0, 0.0]]])
+    pol = torch.tensor([[[0.0, 1.0, 0.0], [0.0, 0.0, 0.0]]])
+    out = sequential_kl(ref, pol)
+    lp = torch.log_softmax(pol[0, 0], -1)
+    expected = 0.5 * (math.log(0.5) - lp[0]) + 0.5 * (math.log(0.5) - lp[2])
+    torch.testing.assert_close(out[0, 1], expected)
+
+
+def test_sequential_kl_nan_raises(batch):
+    logits, _, ref_logits = batch
+    pol = logits.clone()
+    pol[2, 0, 0] = float("inf")
+    with pytest.raises(NonFiniteError, match=r"batch rows \[2\]"):
+        sequential_kl(ref_logits, pol)
+
+
+# ----------------------------------------------------------------------------- check_finite
+
+
+def test_check_finite_messages():
+    check_finite("ok", torch.ones(3, 2))
+    check_finite("ints", torch.arange(3))
+    t = torch.zeros(4, 3)
+    t[1, 0] = float("nan")
+    t[3, 2] = float("-inf")
+    with pytest.raises(NonFiniteError) as err:
+        check_finite("chosen_logratios", t, rows=torch.tensor([10, 11, 12, 13]), step=7)
+    msg = str(err.value)
+    assert "chosen_logratios" in msg
+    assert "1 NaN, 1 Inf" in msg
+    assert "batch rows [1, 3]" in msg
+    assert "row ids [11, 13]" in msg
+    assert "step 7" in msg
+    assert isinstance(err.value, FloatingPointError)
+    with pytest.raises(NonFiniteError, match="loss contains"):
+        check_finite("loss", torch.tensor(float("nan")))
+
+
+# ----------------------------------------------------------------------------- pack_to_response_start
+
+
+def test_pack_hand_example():
+    values = torch.tensor([[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0]], requires_grad=True)
+    mask = torch.tensor([[0, 1, 0, 1], [0, 1, 1, 1]])
+    packed, pmask = pack_to_response_start(values, mask)
+    torch.testing.assert_close(packed, torch.tensor([[2.0, 4.0, 0.0], [6.0, 7.0, 8.0]]))
+    assert pmask.tolist() == [[True, True, False], [True, True, True]]
+    packed.sum().backward()
+    torch.testing.assert_close(values.grad, mask.float())
+
+
+def test_pack_nan_outside_mask_does_not_leak():
+    values = torch.tensor([[float("nan"), 1.0], [2.0, 3.0]])
+    packed, _ = pack_to_response_start(values, torch.tensor([[0, 1], [1, 1]]))
+    torch.testing.assert_close(packed, torch.tensor([[1.0, 0.0], [2.0, 3.0]]))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.integers(1, 4).flatmap(
+        lambda b: st.integers(1, 7).flatmap(
+            lambda t: st.tuples(
+                st.lists(st.lists(st.booleans(), min_size=t, max_size=t), min_size=b, max_size=b),
+                st.lists(
+                    st.lists(st.floats(-5, 5, allow_nan=False), min_size=t, max_size=t),
+                    min_size=b,
+                    max_size=b,
+                ),
+            )
+        )
+    )
+)
+def test_pack_property(data):
+    mask_rows, value_rows = data
+    mask = torch.tensor(mask_rows)
+    values = torch.tensor(value_rows, dtype=torch.float64)
+    packed, pmask = pack_to_response_start(values, mask)
+    n = max(sum(r) for r in mask_rows)
+    assert packed.shape == pmask.shape == (len(mask_rows), n)
+    for b, (m, v) in enumerate(zip(mask_rows, value_rows, strict=True)):
+        kept = [x for x, k in zip(v, m, strict=True) if k]
+        assert packed[b, : len(kept)].tolist() == kept
+        assert torch.all(packed[b, len(kept) :] == 0)
+        assert pmask[b].tolist() == [True] * len(kept) + [False] * (n - len(kept))
