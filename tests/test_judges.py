@@ -1,0 +1,142 @@
+"""The judge registry and the built-in offline judges."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+
+import pytest
+
+from tidpo import judges
+from tidpo.judges import get_judge, list_judges, register_judge
+
+
+@pytest.fixture
+def clean_registry():
+    saved = dict(judges._REGISTRY)
+    yield
+    judges._REGISTRY.clear()
+    judges._REGISTRY.update(saved)
+
+
+def test_builtins_listed():
+    names = list_judges()
+    for name in ("sentiment", "similarity", "instructions", "sentiment_task"):
+        assert name in names
+    assert names == sorted(names)
+
+
+def test_register_two_arg_judge(clean_registry):
+    register_judge("prompt_len", lambda text, row: len(text) + len(row["prompt"]))
+    judge = get_judge("prompt_len")
+    assert judge("abc", {"prompt": "xy"}) == 5.0
+    assert isinstance(judge("abc", {"prompt": ""}), float)
+
+
+def test_one_arg_judge_is_wrapped(clean_registry):
+    def word_count(text):
+        return len(text.split())
+
+    register_judge("words", word_count)
+    judge = get_judge("words")
+    assert judge("one two three") == 3.0
+    assert judge("one two", {"prompt": "ignored"}) == 2.0
+    # a callable can be passed directly too
+    assert get_judge(word_count)("a b", None) == 2.0
+
+
+def test_duplicate_name_needs_overwrite(clean_registry):
+    register_judge("dup", lambda t: 1.0)
+    with pytest.raises(ValueError, match="already registered"):
+        register_judge("dup", lambda t: 2.0)
+    register_judge("dup", lambda t: 2.0, overwrite=True)
+    assert get_judge("dup")("x") == 2.0
+
+
+def test_bad_registrations():
+    with pytest.raises(TypeError, match="callable"):
+        register_judge("nope", 3)
+    with pytest.raises(ValueError, match="module:function"):
+        register_judge("nope", "not a path")
+
+
+def test_unknown_name_lists_registered():
+    with pytest.raises(KeyError) as info:
+        get_judge("no_such_judge")
+    message = str(info.value)
+    assert "no_such_judge" in message
+    for name in ("sentiment", "similarity", "instructions"):
+        assert name in message
+
+
+def test_non_numeric_score_is_an_error(clean_registry):
+    register_judge("bad", lambda t: "great")
+    with pytest.raises(TypeError, match="'bad' returned 'great'"):
+        get_judge("bad")("x")
+
+
+def test_module_function_string(tmp_path, monkeypatch):
+    (tmp_path / "my_judges_mod.py").write_text(
+        textwrap.dedent(
+            """
+            def shout(text):
+                return text.count("!")
+
+            def with_row(text, row):
+                return float(row["target"] in text)
+
+            NOT_CALLABLE = 3
+            """
+        )
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        assert get_judge("my_judges_mod:shout")("hi!!") == 2.0
+        assert get_judge("my_judges_mod:with_row")("a cat", {"target": "cat"}) == 1.0
+        with pytest.raises(AttributeError, match="no attribute 'missing'"):
+            get_judge("my_judges_mod:missing")
+        with pytest.raises(TypeError, match="not a callable"):
+            get_judge("my_judges_mod:NOT_CALLABLE")
+        with pytest.raises(ImportError, match="no_such_module_xyz"):
+            get_judge("no_such_module_xyz:fn")
+    finally:
+        sys.modules.pop("my_judges_mod", None)
+
+
+def test_sentiment_ordering_and_range():
+    judge = get_judge("sentiment")
+    good = judge("I loved this film: wonderful acting and a great story!")
+    neutral = judge("The film is two hours long.")
+    bad = judge("It was terrible, boring and far too long.")
+    assert 0.0 <= bad < neutral < good <= 1.0
+    assert neutral == pytest.approx(0.5)
+
+
+def test_similarity_prefers_the_chosen_text():
+    judge = get_judge("similarity")
+    row = {
+        "prompt": "Is it safe?",
+        "chosen": "Please seek medical advice promptly instead of self-medicating.",
+    }
+    itself = judge(row["chosen"], row)
+    close = judge("You should see a doctor soon rather than treat yourself.", row)
+    far = judge("The train leaves the station at noon.", row)
+    assert itself == pytest.approx(1.0, abs=1e-4)
+    assert itself > close > far
+
+
+def test_similarity_conversational_chosen():
+    judge = get_judge("similarity")
+    row = {
+        "prompt": [{"role": "user", "content": "hi"}],
+        "chosen": [{"role": "assistant", "content": "Hello there"}],
+    }
+    assert judge("Hello there", row) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_similarity_needs_chosen():
+    judge = get_judge("similarity")
+    with pytest.raises(ValueError, match="row has none"):
+        judge("text", {"prompt": "p"})
+    with pytest.raises(ValueError, match="chosen"):
+        judge("text", None)
