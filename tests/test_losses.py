@@ -164,6 +164,9 @@ def test_triplet_hand_computed_with_different_lengths():
     torch.testing.assert_close(terms.dist_neg, torch.tensor([1.0]))  # (1-0)^2; position 3 is padding
     torch.testing.assert_close(terms.loss, torch.tensor([0.1]))
     torch.testing.assert_close(triplet_loss(d, dm, b, bm, c, cm, margin=0.1), terms.loss)
+    # a shorter rejected response only counts the positions it has (anchor position 2 is ignored)
+    t1 = triplet_terms(d, dm, b, bm, c[:, :2], cm[:, :2], margin=0.1)
+    torch.testing.assert_close(t1.dist_neg, torch.tensor([1.0]))
     # a shorter anchor only compares its own positions
     t2 = triplet_terms(d[:, :1], dm[:, :1], b, bm, c, cm, margin=0.0)
     torch.testing.assert_close(t2.dist_pos, torch.tensor([0.0]))

@@ -261,3 +261,32 @@ def test_pack_property(data):
         assert packed[b, : len(kept)].tolist() == kept
         assert torch.all(packed[b, len(kept) :] == 0)
         assert pmask[b].tolist() == [True] * len(kept) + [False] * (n - len(kept))
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def _saved_bytes(fn) -> int:
+    """Bytes autograd saves for backward while running ``fn`` (the forward's residual memory)."""
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total
+
+
+def test_chunked_ops_save_no_float32_vocab_copy():
+    logits = torch.randn(2, 8, 1000, dtype=torch.bfloat16, requires_grad=True)
+    ref = torch.randn(2, 8, 1000, dtype=torch.bfloat16)
+    ids = torch.randint(0, 1000, (2, 8))
+    budget = logits.numel() * 2 * 2 + 16 * 3 * 8  # the (bf16) logits themselves + a few per-row values
+    assert _saved_bytes(lambda: token_logprobs(logits, ids, chunk_size=4)) <= budget
+    assert _saved_bytes(lambda: sequential_kl(ref, logits, chunk_size=4)) <= budget
+    # the naive float32 log-softmax would save at least one [B, T, V] float32 tensor
+    naive = _saved_bytes(lambda: torch.log_softmax(logits.float(), -1).gather(-1, ids[..., None]))
+    assert naive >= logits.numel() * 4

@@ -260,6 +260,9 @@ def sequential_kl(
             computed and hold 0. Without it every position is computed (caller masks).
         chunk_size: flattened rows per float32 chunk.
 
+    Memory: besides the policy logits, the (detached) reference logits are kept alive until the
+    backward pass, in their own dtype; no float32 ``[B, T, V]`` copy of either is saved.
+
     Returns:
         float32 ``[B, T]`` (float64 for float64 logits).
     """
