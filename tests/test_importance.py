@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from tidpo.importance import (
     IMPORTANCE_MODES,
     attribution_from_logits,
+    attribution_from_targets,
     gaussian_prior,
     gradient_attribution,
     hybrid_weights,
@@ -329,3 +330,28 @@ def test_attribution_from_logits_hand_computed():
     # dL/de0 = dL/de1 = 0.5 * (1, 0.5) -> L1 = 0.75 each; padding -> 0
     scores = attribution_from_logits(logits, emb, mask)
     torch.testing.assert_close(scores, torch.tensor([[0.75, 0.75, 0.0]]))
+
+
+def test_attribution_from_targets_subset_and_non_leaf_embeds(tokenizer):
+    model = tiny_causal_lm("gpt2", tokenizer=tokenizer, seed=3).eval()
+    ids, mask = pad_batch(sequences(tokenizer), tokenizer.pad_token_id, "right")
+    captured = {}
+    # The trainer's fused path captures the embedding output (a non-leaf) with a forward hook.
+    handle = model.get_input_embeddings().register_forward_hook(lambda m, i, o: captured.setdefault("e", o))
+    try:
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    finally:
+        handle.remove()
+    emb = captured["e"]
+    assert not emb.is_leaf and emb.requires_grad
+    last = torch.tensor([s.numel() - 1 for s in sequences(tokenizer)])
+    targets = logits[torch.arange(2), last[:2]].max(-1).values  # pair rows only: rows 0 and 1
+    scores = attribution_from_targets(targets, emb, mask, retain_graph=True)
+    full = gradient_attribution(model, ids, mask)
+    torch.testing.assert_close(scores[:2], full[:2], rtol=1e-4, atol=1e-5)
+    assert torch.all(scores[2] == 0)  # no target depends on row 2
+    assert all(p.grad is None for p in model.parameters())
+    with pytest.raises(ValueError, match="targets"):
+        attribution_from_targets(targets[:, None], emb, mask)
+    with pytest.raises(NonFiniteError, match="attribution targets"):
+        attribution_from_targets(targets * float("nan"), emb, mask)

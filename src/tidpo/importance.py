@@ -1,6 +1,6 @@
 """Token importance for TI-DPO (spec §2, paper Eq. 5-8).
 
-- :func:`gradient_attribution` / :func:`attribution_from_logits`: raw scores ``I_i`` by gradient
+- :func:`gradient_attribution` / :func:`attribution_from_logits` / :func:`attribution_from_targets`: raw scores ``I_i`` by gradient
   attribution on the policy (Eq. 5-6).
 - :func:`gaussian_prior`: the positional prior ``P`` (Eq. 7).
 - :func:`hybrid_weights`: ``W = lambda I_norm + (1 - lambda) P`` rescaled to mean 1 over the span (Eq. 8).
@@ -23,6 +23,7 @@ from tidpo.tokenops import check_finite
 __all__ = [
     "IMPORTANCE_MODES",
     "attribution_from_logits",
+    "attribution_from_targets",
     "gaussian_prior",
     "gradient_attribution",
     "hybrid_weights",
@@ -50,10 +51,32 @@ def _last_valid_position(attention_mask: Tensor) -> Tensor:
     return length - 1 - mask.flip(1).to(torch.int8).argmax(dim=1)
 
 
-def _attribution_from_targets(
-    targets: Tensor, inputs_embeds: Tensor, attention_mask: Tensor, retain_graph: bool
+def attribution_from_targets(
+    targets: Tensor, inputs_embeds: Tensor, attention_mask: Tensor, retain_graph: bool = False
 ) -> Tensor:
-    """Eq. 6 given the per-row targets ``L_target`` (Eq. 5) already selected: L1 norm of d(sum)/d e_i."""
+    """Gradient attribution from per-row targets already selected (Eq. 6, given Eq. 5's ``L_target``).
+
+    ``I_i = sum_k |d (sum_b targets_b) / d e_i[k]|``, via ``torch.autograd.grad`` w.r.t.
+    ``inputs_embeds`` only (parameter ``.grad`` untouched), zeroed where ``attention_mask`` is 0.
+    Use it when the targets come from somewhere cheaper than full logits (e.g. the LM head applied
+    to the last valid hidden state only); :func:`attribution_from_logits` selects them for you.
+
+    Args:
+        targets: ``[B']``, one per row of interest (``B' <= B`` allowed, e.g. pair rows only, the
+            other rows then get 0); each target must depend on its own row of ``inputs_embeds`` only.
+        inputs_embeds: ``[B, T, D]`` input embeddings (a leaf or not) that require grad.
+        attention_mask: ``[B, T]``.
+        retain_graph: keep the graph for a later backward through it (fused path).
+
+    Returns:
+        float32 ``[B, T]`` detached scores, 0 at padding.
+    """
+    if targets.dim() != 1 or inputs_embeds.dim() != 3 or inputs_embeds.shape[:2] != attention_mask.shape:
+        raise ValueError(
+            f"attribution_from_targets: expected targets [B'], inputs_embeds [B, T, D], attention_mask [B, T], got "
+            f"{tuple(targets.shape)}, {tuple(inputs_embeds.shape)}, {tuple(attention_mask.shape)}"
+        )
+    check_finite("attribution targets", targets)
     if not inputs_embeds.requires_grad:
         raise ValueError(
             "inputs_embeds must require grad (make it a leaf with requires_grad_(True)) for attribution"
@@ -101,7 +124,7 @@ def attribution_from_logits(
     last = _last_valid_position(attention_mask)
     rows = torch.arange(logits.shape[0], device=logits.device)
     targets = logits[rows, last.to(logits.device)].max(dim=-1).values  # Eq. 5
-    return _attribution_from_targets(targets, inputs_embeds, attention_mask, retain_graph)
+    return attribution_from_targets(targets, inputs_embeds, attention_mask, retain_graph)
 
 
 def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
@@ -156,7 +179,7 @@ def gradient_attribution(model: torch.nn.Module, input_ids: Tensor, attention_ma
             else:
                 raise RuntimeError(f"gradient_attribution: unexpected logits shape {tuple(logits.shape)}")
             targets = target_logits.max(dim=-1).values  # Eq. 5
-            return _attribution_from_targets(targets, embeds, attention_mask, retain_graph=False)
+            return attribution_from_targets(targets, embeds, attention_mask, retain_graph=False)
     finally:
         model.train(was_training)
 
