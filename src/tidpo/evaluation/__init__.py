@@ -4,6 +4,7 @@
 - ``tidpo.evaluation.explain``: ``explain`` -> ``TokenImportance`` and its renderers, ``run_explain``.
 """
 
+from tidpo.evaluation.evaluate import evaluate, format_table, mean_token_entropy, run_eval, write_eval
 from tidpo.evaluation.explain import (
     TokenImportance,
     explain,
@@ -15,9 +16,14 @@ from tidpo.evaluation.explain import (
 
 __all__ = [
     "TokenImportance",
+    "evaluate",
     "explain",
+    "format_table",
+    "mean_token_entropy",
     "render_html",
     "render_png",
     "render_terminal",
+    "run_eval",
     "run_explain",
+    "write_eval",
 ]

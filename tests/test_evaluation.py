@@ -1,0 +1,199 @@
+"""evaluate() on tiny real models; reward and entropy maths against direct computations."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from tidpo.evaluation.evaluate import (
+    evaluate,
+    format_table,
+    mean_token_entropy,
+    run_eval,
+    write_eval,
+)
+from tidpo.models import tiny_causal_lm, tiny_tokenizer
+
+ROWS = [
+    {"prompt": "The sky is", "chosen": " blue.", "rejected": " green."},
+    {
+        "prompt": "Write a short review of the restaurant.",
+        "chosen": " I loved it!",
+        "rejected": " It was terrible.",
+    },
+    {"prompt": "The grass is", "chosen": " green.", "rejected": " blue."},
+]
+KEYS = {
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "rewards/accuracies",
+    "logps/chosen",
+    "logps/rejected",
+    "judge/mean",
+    "judge/reference_mean",
+    "judge/win_rate",
+    "diversity/self_bleu",
+    "diversity/distinct_2",
+    "diversity/distinct_4",
+    "diversity/entropy",
+    "kl",
+    "num_pairs",
+    "num_prompts",
+}
+
+
+@pytest.fixture(scope="module")
+def models():
+    tok = tiny_tokenizer()
+    return tiny_causal_lm(tokenizer=tok, seed=1), tiny_causal_lm(tokenizer=tok, seed=0), tok
+
+
+def _direct_logp(model, tok, prompt: str, response: str) -> float:
+    """Sum of log p(response tokens | prompt) with a full log-softmax (the slow, obvious way)."""
+    p_ids = tok(prompt)["input_ids"]
+    full = tok(prompt + response + tok.eos_token)["input_ids"]
+    ids = torch.tensor([full])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids).logits.double(), dim=-1)
+    return sum(float(logp[0, t - 1, full[t]]) for t in range(len(p_ids), len(full)))
+
+
+def test_evaluate_returns_all_keys_finite(models):
+    policy, reference, tok = models
+    res = evaluate(policy, reference, tok, ROWS, judge="sentiment", max_new_tokens=12, batch_size=2)
+    assert set(res) == KEYS
+    assert all(math.isfinite(v) for v in res.values())
+    assert 0.0 <= res["rewards/accuracies"] <= 1.0
+    assert 0.0 <= res["judge/win_rate"] <= 1.0
+    assert res["num_pairs"] == 3 and res["num_prompts"] == 3
+    assert res["diversity/entropy"] > 0
+    assert res["rewards/margins"] == pytest.approx(res["rewards/chosen"] - res["rewards/rejected"], abs=1e-6)
+
+
+def test_rewards_match_a_direct_computation(models):
+    policy, reference, tok = models
+    beta = 0.5
+    res = evaluate(policy, reference, tok, ROWS, beta=beta, max_new_tokens=4, batch_size=2)
+    chosen, rejected = [], []
+    for row in ROWS:
+        for key, out in (("chosen", chosen), ("rejected", rejected)):
+            lp = _direct_logp(policy, tok, row["prompt"], row[key])
+            lr = _direct_logp(reference, tok, row["prompt"], row[key])
+            out.append(beta * (lp - lr))
+    assert res["rewards/chosen"] == pytest.approx(sum(chosen) / 3, abs=1e-4)
+    assert res["rewards/rejected"] == pytest.approx(sum(rejected) / 3, abs=1e-4)
+    acc = sum(c > r for c, r in zip(chosen, rejected, strict=True)) / 3
+    assert res["rewards/accuracies"] == pytest.approx(acc)
+    lp_chosen = sum(_direct_logp(policy, tok, r["prompt"], r["chosen"]) for r in ROWS) / 3
+    assert res["logps/chosen"] == pytest.approx(lp_chosen, abs=1e-3)
+    # No judge given: no judge metrics.
+    assert not any(k.startswith("judge/") for k in res)
+
+
+def test_policy_against_itself(models):
+    policy, _, tok = models
+    res = evaluate(policy, policy, tok, ROWS, judge="sentiment", max_new_tokens=8, return_samples=True)
+    assert res["kl"] == 0.0
+    assert res["rewards/chosen"] == 0.0 and res["rewards/margins"] == 0.0
+    assert res["rewards/accuracies"] == 0.0  # ties are not wins (TRL's definition)
+    # Same seed, same model: identical generations, so every prompt ties.
+    assert res["judge/win_rate"] == 0.5
+    assert all(s["policy"] == s["reference"] for s in res["samples"])
+    assert [s["prompt"] for s in res["samples"]] == [r["prompt"] for r in ROWS]
+
+
+def test_same_seed_is_reproducible_and_leaves_global_rng_alone(models):
+    policy, reference, tok = models
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    a = evaluate(policy, reference, tok, ROWS, max_new_tokens=8, seed=7, return_samples=True)
+    after = torch.rand(1)
+    b = evaluate(policy, reference, tok, ROWS, max_new_tokens=8, seed=7, return_samples=True)
+    assert before == after
+    assert a["samples"] == b["samples"] and a["kl"] == b["kl"]
+
+
+def test_peft_policy_uses_adapters_disabled_as_reference(models):
+    peft = pytest.importorskip("peft")
+    _, _, tok = models
+    wrapped = peft.get_peft_model(
+        tiny_causal_lm(tokenizer=tok, seed=3), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
+    )
+    # Fresh LoRA (B = 0) is the base model exactly: zero KL and zero rewards.
+    res = evaluate(wrapped, None, tok, ROWS, max_new_tokens=6)
+    assert res["kl"] == pytest.approx(0.0, abs=1e-5)
+    assert res["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="not a PEFT model"):
+        evaluate(tiny_causal_lm(tokenizer=tok), None, tok, ROWS, max_new_tokens=4)
+
+
+def test_evaluate_errors(models):
+    policy, reference, tok = models
+    with pytest.raises(KeyError, match="Unknown judge 'nope'"):
+        evaluate(policy, reference, tok, ROWS, judge="nope")
+    with pytest.raises(ValueError, match="at least 2 prompts"):
+        evaluate(policy, reference, tok, ROWS, num_prompts=1)
+    with pytest.raises(ValueError, match="batch_size"):
+        evaluate(policy, reference, tok, ROWS, batch_size=0)
+
+
+def test_mean_token_entropy_hand_computed():
+    vocab = 8
+    logits = torch.zeros(1, 4, vocab)  # uniform: entropy log(8)
+    logits[0, 1] = torch.tensor([0.0, 0.0] + [-1e9] * (vocab - 2))  # two equally likely tokens: log 2
+    mask = torch.tensor([[0, 0, 1, 1]])  # tokens 2 and 3 count: predicted by positions 1 and 2
+    total, count = mean_token_entropy(logits, mask)
+    assert count == 2
+    assert total == pytest.approx(math.log(2) + math.log(8), abs=1e-5)
+    total, count = mean_token_entropy(logits, torch.tensor([[1, 0, 0, 0]]))  # position 0 never counts
+    assert count == 0 and total == 0.0
+    with pytest.raises(ValueError, match="expected logits"):
+        mean_token_entropy(logits, torch.ones(1, 3))
+
+
+def test_format_table_and_write_eval(tmp_path):
+    res = {
+        "rewards/accuracies": 0.75,
+        "kl": 1.25,
+        "diversity/self_bleu": 30.1,
+        "num_pairs": 4.0,
+        "custom": 2.5,
+    }
+    table = format_table(res)
+    assert "rewards/accuracies" in table and "0.7500" in table and "higher is better" in table
+    assert "custom" in table and "other:" in table
+    assert table.index("rewards/") < table.index("diversity/") < table.index("kl")
+    path = write_eval({**res, "samples": [{"prompt": "p", "policy": "a", "reference": "b"}]}, tmp_path / "o")
+    assert json.loads(path.read_text()) == res
+    assert json.loads((tmp_path / "o" / "samples.jsonl").read_text()) == {
+        "prompt": "p",
+        "policy": "a",
+        "reference": "b",
+    }
+
+
+def test_run_eval_end_to_end(tmp_path, capsys):
+    tok = tiny_tokenizer()
+    for name, seed in (("policy", 1), ("ref", 0)):
+        tiny_causal_lm(tokenizer=tok, seed=seed).save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    data = tmp_path / "held_out.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    res = run_eval(
+        str(tmp_path / "policy"),
+        str(tmp_path / "ref"),
+        str(data),
+        "sentiment",
+        str(tmp_path / "out"),
+        max_new_tokens=6,
+    )
+    assert set(res) == KEYS | {"samples"}
+    saved = json.loads((tmp_path / "out" / "eval.json").read_text())
+    assert set(saved) == KEYS
+    assert len((tmp_path / "out" / "samples.jsonl").read_text().splitlines()) == 3
+    assert "judge/win_rate" in capsys.readouterr().out
