@@ -188,9 +188,10 @@ def split_implicit_prompt(chosen: Any, rejected: Any) -> tuple[Any, Any, Any]:
 def _check_per_token(value: Any, source: str, row: int, field: str) -> None:
     where = _where(source, row, field)
     if not isinstance(value, (list, tuple)):
+        got = "it is missing (null)" if value is None else f"got {_type_name(value)} {_short(value)}"
         raise PreferenceDataError(
-            f"{where}: expected a list with one float per completion token, got {_type_name(value)} "
-            f"{_short(value)}."
+            f"{where}: expected a list with one float per completion token, {got}; every row needs one "
+            "when the column exists."
         )
     is_weight = field in WEIGHT_COLUMNS
     for j, x in enumerate(value):
