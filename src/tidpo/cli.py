@@ -1,0 +1,410 @@
+"""The `tidpo` command line: `train`, `eval`, `explain`, `data build`.
+
+`tidpo train --config run.yaml [--key value ...]`: the YAML holds the script options below and any
+`TIDPOConfig` field; flags override the file. Unknown keys are an error, with suggestions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+BUILTIN_DATA = {
+    "quickstart": "assets/data/quickstart.jsonl",
+    "sentiment-quickstart": "assets/data/sentiment_quickstart.jsonl",
+}
+
+
+@dataclass
+class ScriptArguments:
+    """Options of `tidpo train` that are not training arguments.
+
+    Attributes:
+        model: policy to train: a built-in short name (``smollm2-135m``), a local folder or a Hub id.
+        ref_model: reference model; default a frozen copy (or adapters disabled under LoRA).
+        train_data: preference data: a built-in name (``quickstart``), a JSONL/JSON/CSV/Parquet file or
+            a Hub dataset id.
+        train_split: split to read from a Hub dataset or a DatasetDict.
+        eval_data: held-out preference data (same forms); evaluated every ``eval_steps`` when set.
+        eval_split: split of ``eval_data``.
+        dtype: dtype the model is loaded in (``float32``, ``bfloat16``, ``auto``).
+        use_peft: train LoRA adapters instead of all weights.
+        lora_r / lora_alpha / lora_dropout / lora_target_modules: the LoRA adapter's shape.
+        load_in_4bit: QLoRA: load the base model in 4-bit (needs bitsandbytes and a GPU).
+        report: write ``report.html`` in the run folder at the end of training.
+        report_pairs: how many training pairs the report pictures (token importance).
+        num_processes: >1 relaunches this command under ``accelerate launch`` with that many processes.
+    """
+
+    model: str = "smollm2-135m"
+    ref_model: str | None = None
+    train_data: str = "quickstart"
+    train_split: str = "train"
+    eval_data: str | None = None
+    eval_split: str = "train"
+    dtype: str = "float32"
+    use_peft: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    lora_target_modules: list[str] | str = field(default_factory=lambda: "all-linear")
+    load_in_4bit: bool = False
+    report: bool = True
+    report_pairs: int = 3
+    num_processes: int = 1
+
+
+def resolve_data(name_or_path: str) -> str:
+    """Map a built-in dataset name to its bundled file; anything else is returned unchanged."""
+    if name_or_path in BUILTIN_DATA and not Path(name_or_path).exists():
+        return str(Path(__file__).parent / BUILTIN_DATA[name_or_path])
+    return name_or_path
+
+
+# ------------------------------------------------------------------------------------------ config
+
+
+def _known_keys() -> dict[str, str]:
+    from tidpo.training.config import TIDPOConfig
+
+    keys = {f.name: "script" for f in fields(ScriptArguments)}
+    keys.update({f.name: "training" for f in fields(TIDPOConfig) if f.init})
+    return keys
+
+
+def load_yaml_config(path: str) -> dict[str, Any]:
+    """Read a run YAML and reject unknown keys with a suggestion."""
+    file = Path(path)
+    if not file.is_file():
+        raise SystemExit(f"tidpo: config file {path} not found.")
+    try:
+        data = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise SystemExit(f"tidpo: {path} is not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise SystemExit(f"tidpo: {path} must hold a mapping of option: value, got {type(data).__name__}.")
+    known = _known_keys()
+    unknown = [k for k in data if k not in known]
+    if unknown:
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, known, n=1)
+            hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise SystemExit(
+            f"tidpo: unknown option(s) in {path}: {', '.join(hints)}. Options are the fields of TIDPOConfig "
+            "(see README, 'Config reference') and the script options of `tidpo train --help`."
+        )
+    return data
+
+
+def parse_train_args(argv: list[str]):
+    """YAML values become parser defaults; command-line flags override them."""
+    from transformers import HfArgumentParser
+
+    from tidpo.training.config import TIDPOConfig
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    pre.add_argument("--resume", nargs="?", const="latest", default=None)
+    known, rest = pre.parse_known_args(argv)
+    parser = HfArgumentParser((ScriptArguments, TIDPOConfig), prog="tidpo train")
+    parser.add_argument("--config", help="YAML file of options (flags override it).")
+    parser.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        help="Resume from the latest checkpoint in output_dir, or a path.",
+    )
+    defaults = load_yaml_config(known.config) if known.config else {}
+    if "output_dir" not in defaults:
+        defaults["output_dir"] = "runs/tidpo"
+    parser.set_defaults(**defaults)
+    script, config, extra = parser.parse_args_into_dataclasses(args=rest, return_remaining_strings=True)
+    if extra:
+        raise SystemExit(f"tidpo train: unrecognised arguments: {' '.join(extra)}")
+    return script, config, known.resume
+
+
+# ------------------------------------------------------------------------------------------ train
+
+
+def _relaunch_with_accelerate(num_processes: int, argv: list[str]) -> int:
+    if shutil.which("accelerate") is None:
+        raise SystemExit("tidpo: --num_processes > 1 needs `accelerate` on PATH (pip install accelerate).")
+    forwarded, skip = [], False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if arg == "--num_processes":
+            skip = True
+            continue
+        if arg.startswith("--num_processes="):
+            continue
+        forwarded.append(argv[i])
+    cmd = [
+        "accelerate",
+        "launch",
+        "--num_processes",
+        str(num_processes),
+        "-m",
+        "tidpo.cli",
+        "train",
+        *forwarded,
+    ]
+    print("tidpo: relaunching under accelerate:", " ".join(cmd), flush=True)
+    return subprocess.call(cmd)
+
+
+def _peft_config(script: ScriptArguments):
+    if not script.use_peft:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=script.lora_r,
+        lora_alpha=script.lora_alpha,
+        lora_dropout=script.lora_dropout,
+        target_modules=script.lora_target_modules,
+        task_type="CAUSAL_LM",
+    )
+
+
+def _latest_checkpoint(output_dir: str) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+
+
+def train(argv: list[str]) -> int:
+    script, config, resume = parse_train_args(argv)
+    in_launcher = "LOCAL_RANK" in os.environ or "ACCELERATE_MIXED_PRECISION" in os.environ
+    if script.num_processes > 1 and not in_launcher:
+        return _relaunch_with_accelerate(script.num_processes, argv)
+
+    from tidpo.data import load_preference_dataset
+    from tidpo.models import load_causal_lm, load_tokenizer
+    from tidpo.training.trainer import TIDPOTrainer
+
+    model_kwargs = dict(config.model_init_kwargs or {})
+    model_kwargs.setdefault("dtype", script.dtype)
+    if script.load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        model_kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
+    model = load_causal_lm(script.model, **model_kwargs)
+    tokenizer = load_tokenizer(script.model)
+    ref_model = load_causal_lm(script.ref_model, **model_kwargs) if script.ref_model else None
+    train_raw = load_preference_dataset(resolve_data(script.train_data), split=script.train_split)
+    eval_raw = (
+        load_preference_dataset(resolve_data(script.eval_data), split=script.eval_split)
+        if script.eval_data
+        else None
+    )
+    if eval_raw is not None and config.eval_strategy == "no":
+        config.eval_strategy = "steps"
+        config.eval_steps = config.eval_steps or config.logging_steps
+
+    callbacks = []
+    if script.report:
+        from tidpo.report import ReportCallback
+
+        pairs = [train_raw[i] for i in range(min(script.report_pairs, len(train_raw)))]
+        callbacks.append(
+            ReportCallback(
+                pairs=pairs,
+                tokenizer=tokenizer,
+                lambda_importance=config.lambda_importance,
+                sigma_div=config.sigma_div,
+            )
+        )
+
+    trainer = TIDPOTrainer(
+        model=model,
+        ref_model=ref_model,
+        args=config,
+        train_dataset=train_raw,
+        eval_dataset=eval_raw,
+        processing_class=tokenizer,
+        peft_config=_peft_config(script),
+        callbacks=callbacks,
+    )
+    checkpoint = None
+    if resume == "latest":
+        checkpoint = _latest_checkpoint(config.output_dir)
+        if checkpoint is None:
+            print(f"tidpo: --resume given but no checkpoint in {config.output_dir}; starting afresh.")
+    elif resume:
+        checkpoint = resume
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    trainer.save_model(config.output_dir)
+    trainer.save_state()
+    eval_metrics = trainer.evaluate() if eval_raw is not None else {}
+    if trainer.is_world_process_zero():
+        _write_run_files(config, script, result.metrics, eval_metrics)
+        _print_summary(trainer, config, result.metrics, eval_metrics)
+    return 0
+
+
+def _write_run_files(config, script: ScriptArguments, train_metrics: dict, eval_metrics: dict) -> None:
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    run_config = {"script": vars(script), "training": config.to_dict()}
+    (out / "run_config.json").write_text(json.dumps(run_config, indent=2, default=str))
+    (out / "metrics.json").write_text(json.dumps({"train": train_metrics, "eval": eval_metrics}, indent=2))
+
+
+def _print_summary(trainer, config, train_metrics: dict, eval_metrics: dict) -> None:
+    history = [h for h in trainer.state.log_history if "loss" in h]
+    last = history[-1] if history else {}
+    lines = ["", "=" * 64, "tidpo train: done"]
+    lines.append(f"  steps                 {trainer.state.global_step}")
+    for key in (
+        "loss",
+        "rewards/accuracies",
+        "rewards/margins",
+        "weights/entropy",
+        "triplet/loss",
+        "kl/chosen",
+    ):
+        if key in last:
+            lines.append(f"  {key:<22}{last[key]:.4f}   (last logged step {last.get('step')})")
+    if "train_runtime" in train_metrics:
+        lines.append(f"  runtime               {train_metrics['train_runtime']:.1f} s")
+    for key in ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins"):
+        if key in eval_metrics:
+            lines.append(f"  {key:<22}{eval_metrics[key]:.4f}")
+    out = Path(config.output_dir).resolve()
+    lines.append(f"  model saved in        {out}")
+    lines.append(f"  run folder            {out}  (metrics.json, trainer_state.json, checkpoints)")
+    if (out / "report.html").exists():
+        lines.append(f"  report                {out / 'report.html'}")
+    lines.append("=" * 64)
+    print("\n".join(lines), flush=True)
+
+
+# ------------------------------------------------------------------------------------------ others
+
+
+def _eval(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="tidpo eval", description="Evaluate a policy against its reference."
+    )
+    parser.add_argument("--model", required=True, help="Trained policy (folder, built-in name or Hub id).")
+    parser.add_argument(
+        "--reference", required=True, help="Reference model (e.g. the model before training)."
+    )
+    parser.add_argument("--data", required=True, help="Held-out preference pairs (file or built-in name).")
+    parser.add_argument("--judge", default=None, help="Judge name (see tidpo.judges) or module:function.")
+    parser.add_argument("--out", required=True, help="Output folder (eval.json).")
+    parser.add_argument("--beta", type=float, default=0.1)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--num-prompts", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    a = parser.parse_args(argv)
+    from tidpo.evaluation.evaluate import run_eval
+
+    run_eval(
+        model=a.model,
+        reference=a.reference,
+        data=resolve_data(a.data),
+        judge=a.judge,
+        out=a.out,
+        beta=a.beta,
+        max_new_tokens=a.max_new_tokens,
+        num_prompts=a.num_prompts,
+        batch_size=a.batch_size,
+        seed=a.seed,
+    )
+    return 0
+
+
+def _explain(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="tidpo explain", description="Show TI-DPO's token importance.")
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--prompt")
+    parser.add_argument("--response")
+    parser.add_argument("--data", help="Preference file to take a row from (with --row).")
+    parser.add_argument("--row", type=int, help="0-based row index in --data.")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--lambda-importance", type=float, default=0.7)
+    parser.add_argument("--sigma-div", type=float, default=4.0)
+    a = parser.parse_args(argv)
+    if a.data is None and (a.prompt is None or a.response is None):
+        parser.error("give --prompt and --response, or --data FILE --row N")
+    if a.data is not None and a.row is None:
+        parser.error("--data needs --row N")
+    from tidpo.evaluation.explain import run_explain
+
+    run_explain(
+        model=a.model,
+        prompt=a.prompt,
+        response=a.response,
+        out=a.out,
+        data=resolve_data(a.data) if a.data else None,
+        row=a.row,
+        lambda_importance=a.lambda_importance,
+        sigma_div=a.sigma_div,
+    )
+    return 0
+
+
+def _data(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="tidpo data", description="Build preference data.")
+    sub = parser.add_subparsers(dest="action", required=True)
+    build = sub.add_parser("build", help="Sample K responses per prompt, judge them, write best/worst pairs.")
+    build.add_argument("--task", required=True, help="Built-in task: instructions, sentiment.")
+    build.add_argument("--model", default="smollm2-135m")
+    build.add_argument("--prompts", default=None, help="Prompt JSONL (default: the task's train prompts).")
+    build.add_argument("--samples", type=int, default=4)
+    build.add_argument("--out", required=True)
+    build.add_argument("--flip-fraction", type=float, default=0.0)
+    build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--max-new-tokens", type=int, default=48)
+    build.add_argument("--batch-size", type=int, default=16)
+    a = parser.parse_args(argv)
+    from tidpo.tasks.build import build_pairs
+
+    stats = build_pairs(
+        task=a.task,
+        model=a.model,
+        prompts=a.prompts,
+        samples=a.samples,
+        out=a.out,
+        flip_fraction=a.flip_fraction,
+        seed=a.seed,
+        max_new_tokens=a.max_new_tokens,
+        batch_size=a.batch_size,
+    )
+    print(json.dumps(stats, indent=2, default=str))
+    return 0
+
+
+COMMANDS = {"train": train, "eval": _eval, "explain": _explain, "data": _data}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print("usage: tidpo {train,eval,explain,data} ...\n")
+        print("  train    train with TI-DPO (or a baseline) from a YAML config and flags")
+        print("  eval     evaluate a trained policy against its reference")
+        print("  explain  show the token-importance weights of a response")
+        print("  data     build preference data from a model and a judge (data build ...)")
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    return COMMANDS[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Training layer: `TIDPOConfig` (config.py) and `TIDPOTrainer` (trainer.py)."""

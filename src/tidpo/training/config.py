@@ -1,0 +1,247 @@
+"""`TIDPOConfig`: the training arguments of TI-DPO and its baselines.
+
+Every field below documents what it is, the paper equation it controls and its default. Defaults are
+the paper's final hyper-parameters (spec section 6: beta 0.1, alpha 0.5, gamma 0.1, lambda 0.7,
+sigma = n/4) and, where the paper is silent, the authors' code (lr 5e-6, max_length 256, prompt 128).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+LOSS_TYPES = ("ti_dpo", "dpo", "ipo", "simpo", "tdpo1", "tdpo2")
+IMPORTANCE_MODES = ("hybrid", "uniform", "random", "prior", "gradient", "softmax", "dataset")
+IMPORTANCE_SPANS = ("response", "sequence")
+ATTRIBUTION_PASSES = ("fused", "separate")
+
+
+@dataclass
+class TIDPOConfig(TrainingArguments):
+    r"""Configuration of [`TIDPOTrainer`]: `transformers.TrainingArguments` plus the TI-DPO options.
+
+    Parameters:
+        > The objective
+
+        loss_type (`str`, defaults to `"ti_dpo"`):
+            `"ti_dpo"`: token-weighted DPO (Eq. 9-12) with the sequential KL term (`tdpo_alpha`) and the
+            triplet term (`gamma`, Eq. 13-14). Baselines on the same pipeline: `"dpo"` (sigmoid DPO; cDPO
+            with `label_smoothing`), `"ipo"` (length-averaged log-ratios, squared hinge),
+            `"simpo"` (reference-free, length-normalised, target margin `simpo_gamma`), `"tdpo1"` and
+            `"tdpo2"` (token-level DPO with the sequential KL, uniform weights; TDPO2 stops the gradient of
+            the chosen KL).
+        beta (`float`, defaults to `0.1`):
+            Temperature of the implicit reward, the beta of `-log sigmoid(beta * Delta)` (Eq. 12).
+        label_smoothing (`float`, defaults to `0.0`):
+            cDPO's assumed probability that a label is flipped (`"dpo"` and `"simpo"` only), in [0, 0.5).
+        tdpo_alpha (`float`, defaults to `0.5`):
+            Weight alpha of the sequential KL term `alpha * (KL_seq(y_l) - sg(KL_seq(y_w)))` inside the
+            sigmoid (spec section 4; the paper's "TDPO KL weight"). Used by `"ti_dpo"`, `"tdpo1"`,
+            `"tdpo2"`; 0 turns it off (then `"ti_dpo"` is exactly Eq. 12 plus the triplet term).
+        gamma (`float`, defaults to `0.1`):
+            Weight of the triplet loss in `L = L_base + gamma * L_triplet` (Eq. 14). 0 disables the triplet
+            term and anchor sampling (the "no triplet" ablation).
+        triplet_margin (`float`, defaults to `0.1`):
+            Margin of the triplet hinge `max(0, d_pos - d_neg + margin)` (Eq. 13). The paper never gives
+            its value; 0.1 is our decision.
+        simpo_gamma (`float`, defaults to `0.5`):
+            SimPO's target reward margin (`"simpo"` only).
+
+        > Token importance (Eq. 5-8)
+
+        importance_mode (`str`, defaults to `"hybrid"`):
+            How token weights are made: `"hybrid"` (gradient attribution mixed with the Gaussian prior,
+            Eq. 8), `"uniform"` (all 1: plain DPO/TDPO maths), `"random"`, `"prior"` (lambda = 0),
+            `"gradient"` (lambda = 1, no prior), `"softmax"` (softmax of the raw attribution times n), or
+            `"dataset"` (TIS-DPO-style precomputed `chosen_weights`/`rejected_weights` columns).
+            Only `"ti_dpo"` uses weights; the baselines always use uniform weights.
+        lambda_importance (`float`, defaults to `0.7`):
+            Mixing weight lambda of `W = lambda * I_norm + (1 - lambda) * P` (Eq. 8), in [0, 1].
+        sigma_div (`float`, defaults to `4.0`):
+            The prior's width: `sigma = max(1, n / sigma_div)` (Eq. 7), so sigma = n/4 by default.
+        importance_span (`str`, defaults to `"response"`):
+            Positions the weights are normalised over: `"response"` (n = T, the paper's wording) or
+            `"sequence"` (prompt + response, as the authors' code does; prompt weights are then ignored).
+        attribution_pass (`str`, defaults to `"fused"`):
+            `"fused"` takes the attribution gradient (Eq. 5-6) from the policy forward the loss already runs
+            (one extra backward to the input embeddings, no extra forward); `"separate"` runs its own
+            forward in eval mode first. They give the same weights when the model has no active dropout.
+
+        > Anchors for the triplet term (spec section 5)
+
+        anchor_max_new_tokens (`int`, defaults to `64`): longest anchor sampled from the policy.
+        anchor_temperature (`float`, defaults to `0.8`): sampling temperature of anchors.
+        anchor_top_k (`int`, defaults to `50`): top-k filter of anchor sampling (0 disables it).
+        anchor_top_p (`float`, defaults to `0.95`): nucleus filter of anchor sampling.
+
+        > Data
+
+        max_length (`int` or `None`, defaults to `256`): longest prompt + response, in tokens.
+        max_prompt_length (`int` or `None`, defaults to `128`): prompts are truncated from the left to this.
+        drop_overlong (`bool`, defaults to `False`):
+            Drop rows whose response gets no token after truncation (and report how many) instead of
+            raising an error naming them.
+        drop_identical (`bool`, defaults to `False`):
+            Drop rows whose chosen and rejected are identical (they are always counted and warned about).
+        precompute_ref_logps (`bool`, defaults to `False`):
+            Run the frozen reference once over the datasets before training and cache its per-token
+            log-probs, so no reference forward runs during training. Requires a frozen reference and no
+            sequential KL term (`tdpo_alpha = 0` or a loss without it); anchors still need the reference.
+
+        > Models
+
+        model_init_kwargs (`dict` or `None`, defaults to `None`):
+            Keyword arguments for `from_pretrained` when `model` / `ref_model` are given by name (e.g.
+            `{"dtype": "bfloat16"}`).
+        disable_dropout (`bool`, defaults to `True`):
+            Set every dropout probability of the policy and the reference to 0, as TRL does. The
+            attribution of Eq. 5-6 is defined without dropout; the fused pass relies on this.
+
+        > Safety
+
+        skip_nonfinite_batches (`bool`, defaults to `False`):
+            By default a NaN/Inf in log-probs, weights or the loss stops the run with a message naming the
+            step and rows. When True such a batch contributes a zero update, is counted in the logs
+            (`nonfinite/skipped`) and warned about.
+        logits_chunk_size (`int`, defaults to `4096`):
+            Rows of [rows, vocab] logits processed at once by the chunked log-prob and KL kernels; bounds
+            the float32 working memory.
+    """
+
+    loss_type: str = field(default="ti_dpo", metadata={"help": f"One of {LOSS_TYPES}."})
+    beta: float = field(default=0.1, metadata={"help": "Implicit-reward temperature beta (Eq. 12)."})
+    label_smoothing: float = field(default=0.0, metadata={"help": "cDPO label smoothing ('dpo', 'simpo')."})
+    tdpo_alpha: float = field(default=0.5, metadata={"help": "Sequential KL weight alpha (spec §4)."})
+    gamma: float = field(default=0.1, metadata={"help": "Triplet loss weight gamma (Eq. 14)."})
+    triplet_margin: float = field(default=0.1, metadata={"help": "Triplet hinge margin (Eq. 13)."})
+    simpo_gamma: float = field(default=0.5, metadata={"help": "SimPO target reward margin."})
+
+    importance_mode: str = field(default="hybrid", metadata={"help": f"One of {IMPORTANCE_MODES}."})
+    lambda_importance: float = field(default=0.7, metadata={"help": "lambda of Eq. 8, in [0, 1]."})
+    sigma_div: float = field(default=4.0, metadata={"help": "sigma = max(1, n / sigma_div) (Eq. 7)."})
+    importance_span: str = field(default="response", metadata={"help": f"One of {IMPORTANCE_SPANS}."})
+    attribution_pass: str = field(default="fused", metadata={"help": f"One of {ATTRIBUTION_PASSES}."})
+
+    anchor_max_new_tokens: int = field(default=64, metadata={"help": "Longest policy-sampled anchor."})
+    anchor_temperature: float = field(default=0.8, metadata={"help": "Anchor sampling temperature."})
+    anchor_top_k: int = field(default=50, metadata={"help": "Anchor sampling top-k (0 = off)."})
+    anchor_top_p: float = field(default=0.95, metadata={"help": "Anchor sampling top-p."})
+
+    max_length: int | None = field(default=256, metadata={"help": "Longest prompt + response (tokens)."})
+    max_prompt_length: int | None = field(default=128, metadata={"help": "Longest prompt (left-truncated)."})
+    drop_overlong: bool = field(default=False, metadata={"help": "Drop rows left without response tokens."})
+    drop_identical: bool = field(default=False, metadata={"help": "Drop rows with chosen == rejected."})
+    precompute_ref_logps: bool = field(default=False, metadata={"help": "Cache reference log-probs."})
+
+    model_init_kwargs: dict | None = field(
+        default=None, metadata={"help": "Keyword arguments for from_pretrained when model is a name."}
+    )
+    disable_dropout: bool = field(
+        default=True, metadata={"help": "Set every dropout to 0 (policy, reference)."}
+    )
+
+    skip_nonfinite_batches: bool = field(default=False, metadata={"help": "Skip (and count) NaN batches."})
+    logits_chunk_size: int = field(default=4096, metadata={"help": "Rows per chunk of logits kernels."})
+
+    # Defaults that differ from TrainingArguments, as TRL's DPOConfig does.
+    learning_rate: float = field(
+        default=5e-6, metadata={"help": "AdamW learning rate (authors' code: 5e-6)."}
+    )
+    logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Kept False: the collator needs the tokenised columns."}
+    )
+
+    def __post_init__(self) -> None:
+        self._validate_tidpo()
+        if self.activation_checkpointing_kwargs is None and self.gradient_checkpointing_kwargs is None:
+            # Non-reentrant checkpointing supports autograd.grad, which the attribution backward uses.
+            self.activation_checkpointing_kwargs = {"use_reentrant": False}
+        super().__post_init__()
+
+    def _validate_tidpo(self) -> None:
+        def bad(option: str, value: object, expected: str) -> ValueError:
+            return ValueError(f"TIDPOConfig: invalid {option}={value!r}: expected {expected}.")
+
+        if self.loss_type not in LOSS_TYPES:
+            raise bad("loss_type", self.loss_type, f"one of {', '.join(LOSS_TYPES)}")
+        if self.importance_mode not in IMPORTANCE_MODES:
+            raise bad("importance_mode", self.importance_mode, f"one of {', '.join(IMPORTANCE_MODES)}")
+        if self.importance_span not in IMPORTANCE_SPANS:
+            raise bad("importance_span", self.importance_span, f"one of {', '.join(IMPORTANCE_SPANS)}")
+        if self.attribution_pass not in ATTRIBUTION_PASSES:
+            raise bad("attribution_pass", self.attribution_pass, f"one of {', '.join(ATTRIBUTION_PASSES)}")
+        if not self.beta > 0:
+            raise bad("beta", self.beta, "a number > 0")
+        if not 0.0 <= self.lambda_importance <= 1.0:
+            raise bad("lambda_importance", self.lambda_importance, "a number in [0, 1]")
+        if not self.sigma_div > 0:
+            raise bad("sigma_div", self.sigma_div, "a number > 0")
+        if not self.gamma >= 0:
+            raise bad("gamma", self.gamma, "a number >= 0 (0 disables the triplet term)")
+        if not self.tdpo_alpha >= 0:
+            raise bad("tdpo_alpha", self.tdpo_alpha, "a number >= 0 (0 disables the sequential KL)")
+        if not self.triplet_margin >= 0:
+            raise bad("triplet_margin", self.triplet_margin, "a number >= 0")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise bad("label_smoothing", self.label_smoothing, "a number in [0, 0.5)")
+        if self.label_smoothing > 0 and self.loss_type not in ("dpo", "simpo"):
+            raise bad("label_smoothing", self.label_smoothing, "0 unless loss_type is 'dpo' or 'simpo'")
+        if self.anchor_max_new_tokens < 1:
+            raise bad("anchor_max_new_tokens", self.anchor_max_new_tokens, "an integer >= 1")
+        if not self.anchor_temperature > 0:
+            raise bad("anchor_temperature", self.anchor_temperature, "a number > 0")
+        if self.anchor_top_k < 0:
+            raise bad("anchor_top_k", self.anchor_top_k, "an integer >= 0 (0 disables top-k)")
+        if not 0.0 < self.anchor_top_p <= 1.0:
+            raise bad("anchor_top_p", self.anchor_top_p, "a number in (0, 1]")
+        if self.max_length is not None and self.max_length < 2:
+            raise bad("max_length", self.max_length, "an integer >= 2 or None")
+        if self.max_prompt_length is not None and self.max_prompt_length < 1:
+            raise bad("max_prompt_length", self.max_prompt_length, "an integer >= 1 or None")
+        if (
+            self.max_length is not None
+            and self.max_prompt_length is not None
+            and self.max_prompt_length >= self.max_length
+        ):
+            raise bad(
+                "max_prompt_length",
+                self.max_prompt_length,
+                f"less than max_length={self.max_length}, so responses keep at least one token",
+            )
+        if self.logits_chunk_size < 1:
+            raise bad("logits_chunk_size", self.logits_chunk_size, "an integer >= 1")
+        if self.precompute_ref_logps and self.uses_sequential_kl:
+            raise ValueError(
+                "TIDPOConfig: precompute_ref_logps=True cannot be combined with the sequential KL term "
+                f"(loss_type={self.loss_type!r}, tdpo_alpha={self.tdpo_alpha}): the KL needs the reference's "
+                "full distribution at every step. Set tdpo_alpha=0 or precompute_ref_logps=False."
+            )
+        if self.precompute_ref_logps and self.loss_type == "simpo":
+            raise ValueError(
+                "TIDPOConfig: precompute_ref_logps=True is pointless with loss_type='simpo' "
+                "(SimPO has no reference model). Set precompute_ref_logps=False."
+            )
+
+    # Derived switches, so the trainer reads intent rather than re-deriving it from several fields.
+    @property
+    def uses_sequential_kl(self) -> bool:
+        return self.loss_type in ("tdpo1", "tdpo2") or (self.loss_type == "ti_dpo" and self.tdpo_alpha > 0)
+
+    @property
+    def uses_triplet(self) -> bool:
+        return self.loss_type == "ti_dpo" and self.gamma > 0
+
+    @property
+    def uses_reference(self) -> bool:
+        return self.loss_type != "simpo"
+
+    @property
+    def effective_importance_mode(self) -> str:
+        """The weighting actually used: baselines always weight tokens uniformly."""
+        return self.importance_mode if self.loss_type == "ti_dpo" else "uniform"
+
+    @property
+    def uses_attribution(self) -> bool:
+        return self.effective_importance_mode in ("hybrid", "gradient", "softmax")

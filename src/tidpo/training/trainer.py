@@ -1,0 +1,536 @@
+"""`TIDPOTrainer`: a `transformers.Trainer` that optimises TI-DPO (and its baselines).
+
+One training step (paper Algorithm 1):
+1. batch of pairs -> one concatenated policy forward over chosen, rejected and (when gamma > 0)
+   policy-sampled anchors;
+2. token importance by gradient attribution (Eq. 5-6): by default taken from that same forward with
+   one backward to the input embeddings ("fused"), or from a separate eval-mode pass;
+3. hybrid weights (Eq. 7-8), detached;
+4. weighted log-ratios against the reference (a frozen copy, the adapter-disabled base under LoRA,
+   or cached per-token log-probs) -> weighted DPO with the sequential KL (Eq. 12, spec section 4);
+5-6. triplet distances between the anchor's, chosen and rejected per-token log-ratio vectors (Eq. 13);
+7. L = L_base + gamma * L_triplet (Eq. 14); the optimizer step is the Trainer's.
+
+The maths lives in `tidpo.importance`, `tidpo.losses` and `tidpo.tokenops`; this module only wires
+models, batches and metrics around it.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections import defaultdict
+from typing import Any
+
+import torch
+from datasets import Dataset
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback
+from transformers.trainer_utils import set_seed
+
+from tidpo.data import PreferenceCollator, prepare_preference_dataset
+from tidpo.generation import sample_completion_ids
+from tidpo.importance import attribution_from_targets, gradient_attribution, importance_weights
+from tidpo.losses import dpo_loss, ipo_loss, simpo_loss, triplet_terms, weighted_preference_loss
+from tidpo.models import ensure_pad_token, load_causal_lm, load_tokenizer
+from tidpo.tokenops import NonFiniteError, check_finite, pack_to_response_start, sequential_kl, token_logprobs
+from tidpo.training.config import TIDPOConfig
+
+
+def _is_peft_model(model: nn.Module) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:  # peft is optional for users who never train adapters
+        return False
+    return isinstance(model, PeftModel)
+
+
+def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    # Positions count attended tokens only, so a row's numbers do not depend on its padding.
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _last_valid_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    positions = torch.arange(attention_mask.size(1), device=attention_mask.device)
+    return (attention_mask.bool() * positions).amax(dim=1)
+
+
+def _pad_to(x: torch.Tensor, width: int, value: int | float | bool) -> torch.Tensor:
+    if x.size(1) == width:
+        return x
+    return torch.nn.functional.pad(x, (0, width - x.size(1)), value=value)
+
+
+def _disable_dropout(model: nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+
+
+class TIDPOTrainer(Trainer):
+    """Train a causal LM with TI-DPO, used like TRL's `DPOTrainer`.
+
+    Args:
+        model: the policy, as a model object or a name/path (built-in short names such as
+            ``"smollm2-135m"`` resolve to the embedded model).
+        ref_model: the frozen reference. Default: a frozen copy of ``model``; under LoRA
+            (``peft_config`` or a ``PeftModel``) no copy is made and the reference is the base model
+            with adapters disabled. Not used by ``loss_type="simpo"``.
+        args: a `TIDPOConfig`.
+        train_dataset / eval_dataset: preference data (a path to JSONL/JSON/CSV/Parquet or a
+            `datasets.Dataset`) in TRL's standard or conversational format, or already tokenised rows.
+            ``eval_dataset`` may be a dict of named datasets.
+        processing_class: the tokenizer (default: loaded from ``model``'s name).
+        peft_config: a `peft.PeftConfig` to wrap the model with adapters.
+    """
+
+    def __init__(
+        self,
+        model: str | PreTrainedModel,
+        ref_model: PreTrainedModel | None = None,
+        args: TIDPOConfig | None = None,
+        train_dataset: Dataset | str | None = None,
+        eval_dataset: Dataset | str | dict[str, Dataset | str] | None = None,
+        processing_class: PreTrainedTokenizerBase | None = None,
+        peft_config: Any | None = None,
+        callbacks: list[TrainerCallback] | None = None,
+        data_collator: Any | None = None,
+        optimizers: tuple[Any, Any] = (None, None),
+    ):
+        model_name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "model")
+        if args is None:
+            args = TIDPOConfig(output_dir=f"{str(model_name).rstrip('/').split('/')[-1]}-TIDPO")
+        elif not isinstance(args, TIDPOConfig):
+            raise TypeError(f"TIDPOTrainer: args must be a TIDPOConfig, got {type(args).__name__}.")
+        if train_dataset is None:
+            raise ValueError("TIDPOTrainer: train_dataset is required (a file path or a datasets.Dataset).")
+        # PEFT initialises adapters randomly: seed before building them, as TRL does.
+        set_seed(args.seed)
+
+        if isinstance(model, str):
+            model = load_causal_lm(model, **(args.model_init_kwargs or {}))
+        if processing_class is None:
+            processing_class = load_tokenizer(model_name)
+        ensure_pad_token(processing_class)
+        model.config.pad_token_id = processing_class.pad_token_id
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.pad_token_id = processing_class.pad_token_id
+
+        if peft_config is not None:
+            from peft import get_peft_model
+
+            if _is_peft_model(model):
+                raise ValueError(
+                    "TIDPOTrainer: got a PeftModel and a peft_config. Pass the base model with the "
+                    "peft_config, or the PeftModel alone."
+                )
+            model = get_peft_model(model, peft_config)
+        self.is_peft = _is_peft_model(model)
+
+        if ref_model is model:
+            raise ValueError("TIDPOTrainer: model and ref_model are the same object; omit ref_model instead.")
+        if not args.uses_reference:
+            if ref_model is not None:
+                raise ValueError(
+                    "TIDPOTrainer: loss_type='simpo' is reference-free; do not pass a ref_model."
+                )
+        elif ref_model is None and not self.is_peft:
+            ref_model = copy.deepcopy(model)
+        elif isinstance(ref_model, str):
+            ref_model = load_causal_lm(ref_model, **(args.model_init_kwargs or {}))
+        if ref_model is not None:
+            ref_model.eval()
+            ref_model.requires_grad_(False)
+        if args.disable_dropout:
+            _disable_dropout(model)
+            if ref_model is not None:
+                _disable_dropout(ref_model)
+
+        with args.main_process_first(desc="tokenising the preference data"):
+            train_dataset = self._prepare(train_dataset, processing_class, args)
+            if isinstance(eval_dataset, dict):
+                eval_dataset = {k: self._prepare(v, processing_class, args) for k, v in eval_dataset.items()}
+            elif eval_dataset is not None:
+                eval_dataset = self._prepare(eval_dataset, processing_class, args)
+
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator or PreferenceCollator(pad_token_id=processing_class.pad_token_id),
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            callbacks=callbacks,
+            optimizers=optimizers,
+        )
+        self._metrics: dict[str, dict[str, list[float]]] = {
+            "train": defaultdict(list),
+            "eval": defaultdict(list),
+        }
+        self._nonfinite_skipped = 0
+
+        if ref_model is not None:
+            if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+                self.ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True)
+            else:
+                self.ref_model = ref_model.to(self.accelerator.device)
+        else:
+            self.ref_model = None
+
+        if args.precompute_ref_logps:
+            self.train_dataset = self._precompute_ref_logps(self.train_dataset)
+            if isinstance(self.eval_dataset, dict):
+                self.eval_dataset = {k: self._precompute_ref_logps(v) for k, v in self.eval_dataset.items()}
+            elif self.eval_dataset is not None:
+                self.eval_dataset = self._precompute_ref_logps(self.eval_dataset)
+
+    # ------------------------------------------------------------------ data
+
+    @staticmethod
+    def _prepare(dataset: Dataset | str, tokenizer: PreTrainedTokenizerBase, args: TIDPOConfig) -> Dataset:
+        if isinstance(dataset, Dataset) and "chosen_input_ids" in dataset.column_names:
+            return dataset
+        return prepare_preference_dataset(
+            dataset,
+            tokenizer,
+            max_length=args.max_length,
+            max_prompt_length=args.max_prompt_length,
+            drop_identical=args.drop_identical,
+            drop_overlong=args.drop_overlong,
+        )
+
+    @torch.no_grad()
+    def _precompute_ref_logps(self, dataset: Dataset) -> Dataset:
+        """Cache the reference's per-token log-probs of every response token as dataset columns."""
+        if "ref_chosen_logps" in dataset.column_names:
+            return dataset
+        loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_size=self.args.per_device_eval_batch_size,
+            collate_fn=self.data_collator,
+            shuffle=False,
+        )
+        chosen, rejected = [], []
+        for batch in loader:
+            ids = batch["input_ids"].to(self.accelerator.device)
+            attn = batch["attention_mask"].to(self.accelerator.device)
+            mask = batch["completion_mask"].to(self.accelerator.device).bool()
+            ref = token_logprobs(
+                self._reference_logits(ids, attn), ids, chunk_size=self.args.logits_chunk_size
+            )
+            n = ids.size(0) // 2
+            for row in range(ids.size(0)):
+                values = ref[row][mask[row]].float().cpu().tolist()
+                (chosen if row < n else rejected).append(values)
+        return dataset.add_column("ref_chosen_logps", chosen).add_column("ref_rejected_logps", rejected)
+
+    # ------------------------------------------------------------------ model pieces
+
+    def _reference_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        kwargs = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "position_ids": _position_ids(attention_mask),
+            "use_cache": False,
+        }
+        with torch.no_grad():
+            if self.ref_model is not None:
+                return self.ref_model(**kwargs).logits
+            policy = self.accelerator.unwrap_model(self.model)
+            with policy.disable_adapter():
+                return policy(**kwargs).logits
+
+    def _sample_anchors(self, model: nn.Module, inputs: dict[str, torch.Tensor]):
+        """Sample one response per prompt from the current policy (spec section 5), no gradient.
+
+        Returns right-padded prompt+anchor rows: (input_ids, attention_mask, completion_mask).
+        """
+        args = self.args
+        prompt_ids, prompt_mask = inputs["prompt_input_ids"], inputs["prompt_attention_mask"].bool()
+        # A per-step seed makes anchors reproducible and identical after a resume from a checkpoint.
+        mode_offset = 0 if model.training else 7_919
+        seed = (
+            args.seed * 1_000_003 + self.state.global_step * 101 + self.args.process_index + mode_offset
+        ) % (2**31)
+        devices = [prompt_ids.device] if prompt_ids.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            torch.manual_seed(seed)
+            try:
+                completion = self._sample(model, prompt_ids, prompt_mask)
+            except RuntimeError as err:
+                # torch.multinomial's "probability tensor contains either inf, nan or element < 0".
+                if "inf" in str(err) and "nan" in str(err):
+                    raise NonFiniteError(
+                        f"anchor sampling at step {self.state.global_step}: the policy's next-token "
+                        f"probabilities are not finite ({err})."
+                    ) from err
+                raise
+        return self._anchor_rows(prompt_ids, prompt_mask, completion)
+
+    def _sample(self, model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
+        args, tokenizer = self.args, self.processing_class
+        return sample_completion_ids(
+            self.accelerator.unwrap_model(model),
+            prompt_ids,
+            prompt_mask.long(),
+            max_new_tokens=args.anchor_max_new_tokens,
+            temperature=args.anchor_temperature,
+            top_k=args.anchor_top_k,
+            top_p=args.anchor_top_p,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+
+    def _anchor_rows(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion: torch.Tensor):
+        tokenizer = self.processing_class
+        # Keep the completion up to and including its first EOS.
+        is_eos = completion == tokenizer.eos_token_id
+        completion_valid = (is_eos.long().cumsum(1) - is_eos.long()) == 0
+        ids = torch.cat([prompt_ids, completion], dim=1)
+        valid = torch.cat([prompt_mask, completion_valid], dim=1)
+        is_completion = torch.cat([torch.zeros_like(prompt_mask), completion_valid], dim=1)
+        # Move valid tokens to the front (stable), giving right-padded rows like the chosen/rejected ones.
+        order = torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices
+        ids, valid, is_completion = (t.gather(1, order) for t in (ids, valid, is_completion))
+        ids = ids.masked_fill(~valid, tokenizer.pad_token_id)
+        width = int(valid.sum(1).max())
+        return ids[:, :width], valid[:, :width].long(), is_completion[:, :width]
+
+    # ------------------------------------------------------------------ the loss
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        try:
+            loss, metrics = self._compute_loss(model, inputs)
+        except NonFiniteError as err:
+            if not self.args.skip_nonfinite_batches:
+                raise
+            self._nonfinite_skipped += 1
+            warnings.warn(f"{err} -- batch skipped (skip_nonfinite_batches=True).", stacklevel=2)
+            # A zero loss that still reaches every trainable parameter, so DDP and the optimizer see a
+            # zero gradient rather than a missing one.
+            loss = sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
+            metrics = {}
+        mode = "train" if model.training else "eval"
+        for key, value in metrics.items():
+            self._metrics[mode][key].append(value)
+        if self.args.skip_nonfinite_batches:
+            self._metrics[mode]["nonfinite/skipped"].append(float(self._nonfinite_skipped))
+        return (loss, {}) if return_outputs else loss
+
+    def _compute_loss(self, model: nn.Module, inputs: dict[str, torch.Tensor]):
+        args = self.args
+        step = self.state.global_step
+        ids, attn = inputs["input_ids"], inputs["attention_mask"]
+        cmask = inputs["completion_mask"].bool()
+        n_pairs = ids.size(0) // 2
+        n_rows = 2 * n_pairs
+        chunk = args.logits_chunk_size
+
+        # Anchors join the concatenated batch: one policy forward for chosen, rejected and anchors.
+        if args.uses_triplet:
+            a_ids, a_attn, a_cmask = self._sample_anchors(model, inputs)
+            width = max(ids.size(1), a_ids.size(1))
+            pad = self.processing_class.pad_token_id
+            all_ids = torch.cat([_pad_to(ids, width, pad), _pad_to(a_ids, width, pad)])
+            all_attn = torch.cat([_pad_to(attn, width, 0), _pad_to(a_attn, width, 0)])
+            all_cmask = torch.cat([_pad_to(cmask, width, False), _pad_to(a_cmask, width, False)])
+        else:
+            all_ids, all_attn, all_cmask = ids, attn, cmask
+
+        mode = args.effective_importance_mode
+        fused = args.uses_attribution and args.attribution_pass == "fused" and model.training
+        fused = fused and torch.is_grad_enabled()
+        scores = None
+        if args.uses_attribution and not fused:
+            scores = gradient_attribution(self.accelerator.unwrap_model(model), ids, attn)
+
+        # Capture the input embeddings through a hook, so the forward still goes through the wrapped
+        # model (DDP / DeepSpeed / FSDP bookkeeping) and the attribution gradient can target them.
+        captured: dict[str, torch.Tensor] = {}
+
+        def capture(_module, _inputs, output):
+            if fused and not output.requires_grad:
+                output = output.detach().requires_grad_(True)
+            captured["embeds"] = output
+            return output
+
+        embedding = self.accelerator.unwrap_model(model).get_input_embeddings()
+        handle = embedding.register_forward_hook(capture)
+        try:
+            outputs = model(
+                input_ids=all_ids,
+                attention_mask=all_attn,
+                position_ids=_position_ids(all_attn),
+                use_cache=False,
+                output_hidden_states=fused,
+            )
+        finally:
+            handle.remove()
+        logits = outputs.logits
+        policy_logps = token_logprobs(logits, all_ids, chunk_size=chunk)
+        check_finite("policy log-probs", policy_logps.masked_fill(~all_cmask, 0.0), step=step)
+
+        if fused:
+            # Eq. 5-6 target: the largest logit at each pair row's last valid position. Taken from the
+            # final hidden state so the backward skips the [rows, T, vocab] LM head; models whose head
+            # is not a plain projection of it (e.g. logit soft-capping) use the logits themselves.
+            last = _last_valid_index(attn)
+            rows = torch.arange(n_rows, device=ids.device)
+            last_logits = logits[rows, last]
+            head = self.accelerator.unwrap_model(model).get_output_embeddings()
+            hidden_logits = head(outputs.hidden_states[-1][rows, last]) if head is not None else None
+            if hidden_logits is not None and torch.allclose(
+                hidden_logits.float(), last_logits.float(), rtol=1e-3, atol=1e-3
+            ):
+                last_logits = hidden_logits
+            targets = last_logits.float().max(dim=-1).values
+            scores = attribution_from_targets(targets, captured["embeds"], all_attn, retain_graph=True)[
+                :n_rows
+            ]
+
+        span = cmask if args.importance_span == "response" else attn.bool()
+        if mode == "dataset":
+            if "token_weights" not in inputs:
+                raise ValueError(
+                    "importance_mode='dataset' needs per-token weights in the data: add "
+                    "'chosen_weights' and 'rejected_weights' columns (one float per response token)."
+                )
+            weights = inputs["token_weights"].float()
+        else:
+            generator = None
+            if mode == "random":
+                generator = torch.Generator(device=ids.device).manual_seed(args.seed * 7_919 + step)
+            weights = importance_weights(
+                mode,
+                scores,
+                span,
+                lambda_importance=args.lambda_importance,
+                sigma_div=args.sigma_div,
+                generator=generator,
+            )
+        weights = weights * cmask  # prompt weights (span "sequence") never enter the loss
+        check_finite("importance weights", weights, step=step)
+
+        # Reference log-probs and the sequential KL.
+        ref_logits = None
+        if args.uses_reference:
+            if "ref_logps" in inputs and not args.uses_triplet:
+                ref_logps = inputs["ref_logps"].float()
+            else:
+                ref_logits = self._reference_logits(all_ids, all_attn)
+                ref_logps = token_logprobs(ref_logits, all_ids, chunk_size=chunk)
+                if "ref_logps" in inputs:  # cached for the pairs; the anchors needed a forward anyway
+                    ref_logps = torch.cat([inputs["ref_logps"].float(), ref_logps[n_rows:]])
+            logratios = (policy_logps - _pad_to(ref_logps, policy_logps.size(1), 0.0)) * all_cmask
+        else:
+            logratios = policy_logps * all_cmask
+        kl = None
+        if args.uses_sequential_kl:
+            kl = sequential_kl(ref_logits[:n_rows], logits[:n_rows], cmask, chunk_size=chunk)
+        c_lr, r_lr = logratios[:n_pairs], logratios[n_pairs:n_rows]
+        c_mask, r_mask = cmask[:n_pairs], cmask[n_pairs:n_rows]
+        c_w, r_w = weights[:n_pairs], weights[n_pairs:n_rows]
+        c_kl, r_kl = (kl[:n_pairs], kl[n_pairs:]) if kl is not None else (None, None)
+
+        lt = args.loss_type
+        if lt == "ti_dpo":
+            losses = weighted_preference_loss(
+                c_lr, r_lr, c_w, r_w, args.beta, c_kl, r_kl, alpha=args.tdpo_alpha, tdpo2=True
+            )
+            chosen_rewards = args.beta * (c_w * c_lr).sum(1)
+            rejected_rewards = args.beta * (r_w * r_lr).sum(1)
+        elif lt in ("tdpo1", "tdpo2"):
+            ones_c, ones_r = c_mask.to(c_lr.dtype), r_mask.to(r_lr.dtype)
+            losses = weighted_preference_loss(
+                c_lr, r_lr, ones_c, ones_r, args.beta, c_kl, r_kl, alpha=args.tdpo_alpha, tdpo2=lt == "tdpo2"
+            )
+            chosen_rewards, rejected_rewards = args.beta * c_lr.sum(1), args.beta * r_lr.sum(1)
+        elif lt == "dpo":
+            losses = dpo_loss(c_lr, r_lr, args.beta, label_smoothing=args.label_smoothing)
+            chosen_rewards, rejected_rewards = args.beta * c_lr.sum(1), args.beta * r_lr.sum(1)
+        elif lt == "ipo":
+            losses = ipo_loss(c_lr, r_lr, c_mask, r_mask, args.beta)
+            chosen_rewards, rejected_rewards = args.beta * c_lr.sum(1), args.beta * r_lr.sum(1)
+        else:  # simpo
+            losses = simpo_loss(
+                c_lr, r_lr, c_mask, r_mask, args.beta, args.simpo_gamma, label_smoothing=args.label_smoothing
+            )
+            chosen_rewards = args.beta * c_lr.sum(1) / c_mask.sum(1).clamp(min=1)
+            rejected_rewards = args.beta * r_lr.sum(1) / r_mask.sum(1).clamp(min=1)
+        loss = losses.mean()
+
+        metrics: dict[str, float] = {}
+        if args.uses_triplet:
+            a_lr, a_mask = logratios[n_rows:], all_cmask[n_rows:]
+            b, b_mask = pack_to_response_start(c_lr, c_mask)
+            c, c_mask_p = pack_to_response_start(r_lr, r_mask)
+            d, d_mask = pack_to_response_start(a_lr, a_mask)
+            triplet = triplet_terms(d, d_mask, b, b_mask, c, c_mask_p, args.triplet_margin)
+            loss = loss + args.gamma * triplet.loss.mean()
+            metrics["triplet/loss"] = self._gather_mean(triplet.loss)
+            metrics["triplet/dist_pos"] = self._gather_mean(triplet.dist_pos)
+            metrics["triplet/dist_neg"] = self._gather_mean(triplet.dist_neg)
+            metrics["anchor/length"] = self._gather_mean(a_mask.sum(1).float())
+        check_finite("loss", loss.detach().reshape(1), step=step)
+
+        metrics.update(
+            self._pair_metrics(chosen_rewards, rejected_rewards, policy_logps, logits, cmask, n_pairs)
+        )
+        if kl is not None:
+            metrics["kl/chosen"] = self._gather_mean(c_kl.sum(1))
+            metrics["kl/rejected"] = self._gather_mean(r_kl.sum(1))
+        metrics.update(self._weight_metrics(weights, cmask))
+        return loss, metrics
+
+    # ------------------------------------------------------------------ metrics
+
+    def _gather_mean(self, values: torch.Tensor) -> float:
+        return self.accelerator.gather_for_metrics(values.detach().float().reshape(-1)).mean().item()
+
+    def _pair_metrics(self, chosen_rewards, rejected_rewards, policy_logps, logits, cmask, n_pairs):
+        with torch.no_grad():
+            mask = cmask[: 2 * n_pairs]
+            seq_logps = (policy_logps[: 2 * n_pairs] * mask).sum(1)
+            # Mean logit over response positions (a token's logits sit one position earlier).
+            shifted = torch.zeros_like(mask)
+            shifted[:, :-1] = mask[:, 1:]
+            vocab_means = logits[: 2 * n_pairs].mean(dim=-1, dtype=torch.float32)
+            mean_logits = (vocab_means * shifted).sum(1) / shifted.sum(1).clamp(min=1)
+        return {
+            "rewards/chosen": self._gather_mean(chosen_rewards),
+            "rewards/rejected": self._gather_mean(rejected_rewards),
+            "rewards/accuracies": self._gather_mean((chosen_rewards > rejected_rewards).float()),
+            "rewards/margins": self._gather_mean(chosen_rewards - rejected_rewards),
+            "logps/chosen": self._gather_mean(seq_logps[:n_pairs]),
+            "logps/rejected": self._gather_mean(seq_logps[n_pairs:]),
+            "logits/chosen": self._gather_mean(mean_logits[:n_pairs]),
+            "logits/rejected": self._gather_mean(mean_logits[n_pairs:]),
+        }
+
+    def _weight_metrics(self, weights: torch.Tensor, cmask: torch.Tensor) -> dict[str, float]:
+        with torch.no_grad():
+            w = weights[cmask]
+            # Entropy (nats) of each row's weights read as a distribution over its response tokens.
+            p = (weights / weights.sum(1, keepdim=True).clamp(min=1e-12)) * cmask
+            entropy = -(p * torch.log(p.clamp(min=1e-12))).sum(1)
+        return {
+            "weights/mean": self._gather_mean(w.mean()),
+            "weights/std": self._gather_mean(w.std() if w.numel() > 1 else torch.zeros(())),
+            "weights/max": self._gather_mean(w.max()),
+            "weights/entropy": self._gather_mean(entropy),
+        }
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "train" if self.model.training else "eval"
+        metrics = {key: sum(values) / len(values) for key, values in self._metrics[mode].items() if values}
+        if mode == "eval":
+            metrics = {f"eval_{key}": value for key, value in metrics.items()}
+        logs.update(metrics)
+        super().log(logs, start_time)
+        self._metrics[mode].clear()
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None

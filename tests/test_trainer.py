@@ -1,0 +1,338 @@
+"""End-to-end training on tiny in-process models: every loss type and importance mode trains."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import TrainerCallback
+
+from tidpo import TIDPOConfig, TIDPOTrainer
+from tidpo.models import tiny_causal_lm
+
+TRAIN_KEYS = (
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+    "logits/chosen",
+    "logits/rejected",
+)
+
+
+def make_config(tmp_path, **overrides) -> TIDPOConfig:
+    base = dict(
+        output_dir=str(tmp_path / "run"),
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=4,
+        max_steps=2,
+        learning_rate=1e-2,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        seed=0,
+        anchor_max_new_tokens=6,
+        max_length=64,
+        max_prompt_length=32,
+        disable_tqdm=True,
+    )
+    base.update(overrides)
+    return TIDPOConfig(**base)
+
+
+def params_snapshot(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def assert_trained(trainer, before):
+    after = {n: p.detach() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    changed = [n for n in before if not torch.equal(before[n], after[n])]
+    assert changed, "no trainable parameter changed"
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert logs, "nothing was logged"
+    for entry in logs:
+        for key in TRAIN_KEYS:
+            assert key in entry, f"{key} missing from {sorted(entry)}"
+            assert math.isfinite(entry[key]), (key, entry[key])
+    return logs
+
+
+@pytest.mark.parametrize(
+    ("loss_type", "extra"),
+    [
+        ("ti_dpo", {}),
+        ("dpo", {}),
+        ("dpo", {"label_smoothing": 0.1}),
+        ("ipo", {}),
+        ("simpo", {}),
+        ("tdpo1", {}),
+        ("tdpo2", {}),
+    ],
+)
+def test_every_loss_type_trains(tmp_path, tiny_tok, tiny_llama, pairs_dataset, loss_type, extra):
+    args = make_config(tmp_path, loss_type=loss_type, **extra)
+    trainer = TIDPOTrainer(tiny_llama, args=args, train_dataset=pairs_dataset, processing_class=tiny_tok)
+    before = params_snapshot(trainer.model)
+    trainer.train()
+    logs = assert_trained(trainer, before)
+    if loss_type == "ti_dpo":
+        for key in ("weights/mean", "weights/entropy", "triplet/loss", "triplet/dist_pos", "kl/chosen"):
+            assert key in logs[-1] and math.isfinite(logs[-1][key])
+        assert logs[-1]["weights/mean"] == pytest.approx(1.0, abs=1e-4)
+    if loss_type == "simpo":
+        assert trainer.ref_model is None
+
+
+@pytest.mark.parametrize("mode", ["hybrid", "uniform", "random", "prior", "gradient", "softmax"])
+def test_every_importance_mode_trains(tmp_path, tiny_tok, tiny_llama, pairs_dataset, mode):
+    args = make_config(tmp_path, importance_mode=mode, gamma=0.0, tdpo_alpha=0.0)
+    trainer = TIDPOTrainer(tiny_llama, args=args, train_dataset=pairs_dataset, processing_class=tiny_tok)
+    before = params_snapshot(trainer.model)
+    trainer.train()
+    logs = assert_trained(trainer, before)
+    assert logs[-1]["weights/mean"] == pytest.approx(1.0, abs=1e-4)
+    if mode == "uniform":
+        assert logs[-1]["weights/std"] == pytest.approx(0.0, abs=1e-6)
+    else:
+        assert logs[-1]["weights/std"] > 0
+
+
+def test_dataset_weights_mode(tmp_path, tiny_tok, tiny_llama, pairs_dataset):
+    args = make_config(tmp_path, importance_mode="dataset", gamma=0.0, tdpo_alpha=0.0, max_steps=1)
+    trainer = TIDPOTrainer(tiny_llama, args=args, train_dataset=pairs_dataset, processing_class=tiny_tok)
+    ds = trainer.train_dataset
+    ds = ds.add_column("chosen_weights", [[2.0] * len(r) for r in ds["chosen_input_ids"]])
+    ds = ds.add_column("rejected_weights", [[2.0] * len(r) for r in ds["rejected_input_ids"]])
+    trainer.train_dataset = ds
+    trainer.train()
+    assert trainer.state.log_history[0]["weights/mean"] == pytest.approx(2.0)
+
+
+def _first_batch(trainer):
+    return trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+
+
+def test_uniform_ti_dpo_equals_dpo_on_a_batch(tmp_path, tiny_tok, tiny_llama, pairs_dataset):
+    """Spec §3: with all weights 1, no KL and no triplet, TI-DPO is exactly DPO."""
+    losses = {}
+    for loss_type in ("ti_dpo", "dpo"):
+        args = make_config(
+            tmp_path, loss_type=loss_type, importance_mode="uniform", gamma=0.0, tdpo_alpha=0.0
+        )
+        trainer = TIDPOTrainer(
+            copy.deepcopy(tiny_llama), args=args, train_dataset=pairs_dataset, processing_class=tiny_tok
+        )
+        # Move the policy away from the reference so the loss is not log(2) for both.
+        with torch.no_grad():
+            for p in trainer.model.parameters():
+                p.add_(0.05 * torch.randn_like(p, generator=torch.Generator().manual_seed(1)))
+        trainer.model.train()
+        losses[loss_type] = trainer.compute_loss(trainer.model, _first_batch(trainer)).item()
+    assert losses["ti_dpo"] == pytest.approx(losses["dpo"], rel=1e-6)
+    assert losses["dpo"] != pytest.approx(math.log(2), rel=1e-3)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_fused_and_separate_attribution_agree(tmp_path, tiny_tok, tiny_llama, pairs_dataset, checkpointing):
+    """The fused attribution (one backward on the training forward) gives the separate pass's loss and
+    parameter gradients, with and without gradient checkpointing."""
+    results = {}
+    for attribution_pass in ("fused", "separate"):
+        args = make_config(
+            tmp_path,
+            attribution_pass=attribution_pass,
+            gamma=0.0,
+            gradient_checkpointing=checkpointing,
+        )
+        model = copy.deepcopy(tiny_llama)
+        trainer = TIDPOTrainer(model, args=args, train_dataset=pairs_dataset, processing_class=tiny_tok)
+        with torch.no_grad():
+            for p in trainer.model.parameters():
+                p.add_(0.05 * torch.randn_like(p, generator=torch.Generator().manual_seed(2)))
+        if checkpointing:
+            trainer.model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+        trainer.model.train()
+        trainer.model.zero_grad()
+        loss = trainer.compute_loss(trainer.model, _first_batch(trainer))
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+        results[attribution_pass] = (loss.item(), grads, trainer._metrics["train"]["weights/std"][-1])
+    (l_f, g_f, s_f), (l_s, g_s, s_s) = results["fused"], results["separate"]
+    assert l_f == pytest.approx(l_s, rel=1e-5)
+    assert s_f == pytest.approx(s_s, rel=1e-4)
+    assert g_f.keys() == g_s.keys()
+    for name in g_f:
+        torch.testing.assert_close(g_f[name], g_s[name], rtol=1e-4, atol=1e-6)
+
+
+def test_conversational_rows_train(tmp_path, tiny_tok, tiny_llama):
+    rows = [
+        {
+            "prompt": [{"role": "user", "content": "The sky is"}],
+            "chosen": [{"role": "assistant", "content": "blue."}],
+            "rejected": [{"role": "assistant", "content": "green."}],
+        },
+        {
+            "prompt": [{"role": "user", "content": "A cat sat on"}],
+            "chosen": [{"role": "assistant", "content": "the mat."}],
+            "rejected": [{"role": "assistant", "content": "the dog."}],
+        },
+    ] * 2
+    args = make_config(tmp_path, max_steps=1)
+    trainer = TIDPOTrainer(
+        tiny_llama, args=args, train_dataset=Dataset.from_list(rows), processing_class=tiny_tok
+    )
+    before = params_snapshot(trainer.model)
+    trainer.train()
+    assert_trained(trainer, before)
+
+
+def test_lora_uses_disabled_adapters_as_reference(tmp_path, tiny_tok, tiny_llama, pairs_dataset):
+    from peft import LoraConfig
+
+    args = make_config(tmp_path, max_steps=2)
+    trainer = TIDPOTrainer(
+        tiny_llama,
+        args=args,
+        train_dataset=pairs_dataset,
+        processing_class=tiny_tok,
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"),
+    )
+    assert trainer.ref_model is None  # no second model in memory
+    base = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_" not in n}
+    before = params_snapshot(trainer.model)
+    assert all("lora_" in n for n in before)
+    trainer.train()
+    assert_trained(trainer, before)
+    for name, p in trainer.model.named_parameters():
+        if "lora_" not in name:
+            assert torch.equal(base[name], p.detach()), f"base weight {name} changed under LoRA"
+
+
+def test_precomputed_reference_logps_match_live_reference(tmp_path, tiny_tok, tiny_llama, pairs_dataset):
+    losses = {}
+    for precompute in (False, True):
+        args = make_config(tmp_path, precompute_ref_logps=precompute, tdpo_alpha=0.0, gamma=0.0)
+        trainer = TIDPOTrainer(
+            copy.deepcopy(tiny_llama), args=args, train_dataset=pairs_dataset, processing_class=tiny_tok
+        )
+        with torch.no_grad():
+            for p in trainer.model.parameters():
+                p.add_(0.05 * torch.randn_like(p, generator=torch.Generator().manual_seed(3)))
+        if precompute:
+            assert "ref_chosen_logps" in trainer.train_dataset.column_names
+        trainer.model.train()
+        losses[precompute] = trainer.compute_loss(trainer.model, _first_batch(trainer)).item()
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)
+
+
+def test_eval_logs_the_same_metric_names(tmp_path, tiny_tok, tiny_llama, pairs_dataset):
+    args = make_config(tmp_path, max_steps=1, eval_strategy="steps", eval_steps=1)
+    trainer = TIDPOTrainer(
+        tiny_llama,
+        args=args,
+        train_dataset=pairs_dataset,
+        eval_dataset=pairs_dataset,
+        processing_class=tiny_tok,
+    )
+    trainer.train()
+    metrics = trainer.evaluate()
+    for key in (
+        "eval_loss",
+        "eval_rewards/accuracies",
+        "eval_rewards/margins",
+        "eval_weights/entropy",
+        "eval_triplet/loss",
+    ):
+        assert key in metrics and math.isfinite(metrics[key]), key
+
+
+class StopAt(TrainerCallback):
+    """Ends training after a given step, as an interrupted run would (the checkpoint is already saved)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            control.should_training_stop = True
+        return control
+
+
+def test_resume_continues_at_the_saved_step(tmp_path, tiny_tok, pairs_dataset):
+    def run(out, resume=None, stop_at=None):
+        model = tiny_causal_lm("llama", tokenizer=tiny_tok, seed=0)
+        args = make_config(
+            tmp_path,
+            output_dir=str(tmp_path / out),
+            max_steps=4,
+            save_strategy="steps",
+            save_steps=2,
+            per_device_train_batch_size=2,
+        )
+        callbacks = [StopAt(stop_at)] if stop_at else None
+        trainer = TIDPOTrainer(
+            model, args=args, train_dataset=pairs_dataset, processing_class=tiny_tok, callbacks=callbacks
+        )
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer
+
+    full = run("full")
+    interrupted = run("partial", stop_at=2)
+    assert interrupted.state.global_step == 2
+    resumed = run("partial", resume=str(tmp_path / "partial" / "checkpoint-2"))
+    assert resumed.state.global_step == 4
+    steps = [h["step"] for h in resumed.state.log_history if "loss" in h]
+    assert steps == [1, 2, 3, 4]  # the log of steps 1-2 comes back from the checkpoint
+    full_losses = [h["loss"] for h in full.state.log_history if "loss" in h]
+    resumed_losses = [h["loss"] for h in resumed.state.log_history if "loss" in h]
+    assert resumed_losses == pytest.approx(full_losses, rel=1e-5)
+    for (n, p_full), (_, p_res) in zip(
+        full.model.named_parameters(), resumed.model.named_parameters(), strict=True
+    ):
+        torch.testing.assert_close(p_full, p_res, rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_nan_in_logits_stops_with_the_step(tmp_path, tiny_tok, tiny_llama, pairs_dataset):
+    args = make_config(tmp_path, max_steps=1)
+    trainer = TIDPOTrainer(tiny_llama, args=args, train_dataset=pairs_dataset, processing_class=tiny_tok)
+    with torch.no_grad():
+        trainer.model.lm_head.weight[5, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="step 0"):
+        trainer.train()
+
+
+def test_nan_batches_can_be_skipped_and_counted(tmp_path, tiny_tok, tiny_llama, pairs_dataset):
+    args = make_config(tmp_path, max_steps=1, skip_nonfinite_batches=True)
+    trainer = TIDPOTrainer(tiny_llama, args=args, train_dataset=pairs_dataset, processing_class=tiny_tok)
+    with torch.no_grad():
+        trainer.model.lm_head.weight[5, 0] = float("nan")
+    with pytest.warns(UserWarning, match="skipped"):
+        trainer.train()
+    assert trainer.state.log_history[0]["nonfinite/skipped"] == 1.0
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("beta", 0.0),
+        ("lambda_importance", 1.5),
+        ("loss_type", "kto"),
+        ("importance_mode", "attention"),
+        ("gamma", -1.0),
+        ("anchor_top_p", 0.0),
+        ("label_smoothing", 0.2),
+    ],
+)
+def test_invalid_config_raises_naming_the_option(tmp_path, option, value):
+    with pytest.raises(ValueError, match=option):
+        TIDPOConfig(output_dir=str(tmp_path), **{option: value})
