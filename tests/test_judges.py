@@ -140,3 +140,13 @@ def test_similarity_needs_chosen():
         judge("text", {"prompt": "p"})
     with pytest.raises(ValueError, match="chosen"):
         judge("text", None)
+
+
+def test_task_judges_resolve_lazily():
+    instructions = get_judge("instructions")
+    row = {"prompt": "Describe coffee.", "constraints": [{"type": "no_commas"}, {"type": "lowercase"}]}
+    assert instructions("coffee is warm and dark", row) == 1.0
+    assert instructions("Coffee is warm, dark", row) == 0.0
+    assert instructions("Coffee is warm and dark", row) == 0.5
+    sentiment_task = get_judge("sentiment_task")
+    assert sentiment_task("What a wonderful day!", None) > sentiment_task("What an awful day!", None)
