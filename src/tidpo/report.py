@@ -320,9 +320,8 @@ def write_report(
         if any(n in series or f"eval_{n}" in series for n in names):
             sections.append(f"<h2>{html.escape(panel_title)}</h2>")
             shown = [k for n in names for k in (n, f"eval_{n}") if k in series]
-            sections.append(
-                f"<p class='muted'>{', '.join(html.escape(k) for k in shown)} (eval_*: dashed)</p>"
-            )
+            dashed = " (eval_*: dashed)" if any(k.startswith("eval_") for k in shown) else ""
+            sections.append(f"<p class='muted'>{', '.join(html.escape(k) for k in shown)}{dashed}</p>")
             sections.append(_plot_panel(series, names, panel_title))
             drawn.update(names)
             drawn.update(f"eval_{n}" for n in names)
