@@ -2,6 +2,9 @@
 
 `tidpo train --config run.yaml [--key value ...]`: the YAML holds the script options below and any
 `TIDPOConfig` field; flags override the file. Unknown keys are an error, with suggestions.
+
+Errors the user can fix (bad data, options, config values, missing files, NaN/Inf during training) are
+printed as one line, ``tidpo: error: <message>``, with exit code 2; ``TIDPO_DEBUG=1`` shows the traceback.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import os
 import shutil
 import subprocess
 import sys
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -64,6 +68,10 @@ class ScriptArguments:
     num_processes: int = 1
 
 
+class CLIError(Exception):
+    """A mistake in how ``tidpo`` was called (options, config file), reported as one line by `main`."""
+
+
 def resolve_data(name_or_path: str) -> str:
     """Map a built-in dataset name to its bundled file; anything else is returned unchanged."""
     if name_or_path in BUILTIN_DATA and not Path(name_or_path).exists():
@@ -86,13 +94,13 @@ def load_yaml_config(path: str) -> dict[str, Any]:
     """Read a run YAML and reject unknown keys with a suggestion."""
     file = Path(path)
     if not file.is_file():
-        raise SystemExit(f"tidpo: config file {path} not found.")
+        raise FileNotFoundError(f"config file {path} not found (resolved to {file.resolve()}).")
     try:
         data = yaml.safe_load(file.read_text()) or {}
     except yaml.YAMLError as err:
-        raise SystemExit(f"tidpo: {path} is not valid YAML: {err}") from err
+        raise CLIError(f"{path} is not valid YAML: {' '.join(str(err).split())}") from err
     if not isinstance(data, dict):
-        raise SystemExit(f"tidpo: {path} must hold a mapping of option: value, got {type(data).__name__}.")
+        raise CLIError(f"{path} must hold a mapping of option: value, got {type(data).__name__}.")
     known = _known_keys()
     unknown = [k for k in data if k not in known]
     if unknown:
@@ -100,11 +108,45 @@ def load_yaml_config(path: str) -> dict[str, Any]:
         for key in unknown:
             close = difflib.get_close_matches(key, known, n=1)
             hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-        raise SystemExit(
-            f"tidpo: unknown option(s) in {path}: {', '.join(hints)}. Options are the fields of TIDPOConfig "
+        raise CLIError(
+            f"unknown option(s) in {path}: {', '.join(hints)}. Options are the fields of TIDPOConfig "
             "(see README, 'Config reference') and the script options of `tidpo train --help`."
         )
+    _check_yaml_types(data, path)
     return data
+
+
+_SCALARS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _check_yaml_types(data: dict[str, Any], path: str) -> None:
+    """Reject YAML values of the wrong type for plain int/float/bool/str options.
+
+    argparse converts string defaults with the option's type, but leaves other values alone, so without
+    this a ``beta: [0.1]`` would reach the config and fail deep inside with a TypeError.
+    """
+    from tidpo.training.config import TIDPOConfig
+
+    hints = {**typing.get_type_hints(TIDPOConfig), **typing.get_type_hints(ScriptArguments)}
+    for key, value in data.items():
+        hint = hints.get(key)
+        args = typing.get_args(hint)
+        optional = type(None) in args and len(args) == 2
+        base = next(a for a in args if a is not type(None)) if optional else hint
+        if base not in _SCALARS or (value is None and optional):
+            continue  # unions and containers: argparse and the config's own validation judge them
+        if base is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        elif base is int:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        else:
+            ok = isinstance(value, base)
+        if isinstance(value, str) and base is not str:
+            ok = True  # a string is parsed like a flag value (e.g. beta: "1e-1"); argparse reports bad ones
+        if not ok:
+            shown = "null" if value is None else f"{type(value).__name__} {value!r}"
+            null = " or null" if optional else ""
+            raise CLIError(f"{path}: option {key!r} must be {_SCALARS[base]}{null}, got {shown}.")
 
 
 def parse_train_args(argv: list[str]):
@@ -117,7 +159,12 @@ def parse_train_args(argv: list[str]):
     pre.add_argument("--config")
     pre.add_argument("--resume", nargs="?", const="latest", default=None)
     known, rest = pre.parse_known_args(argv)
-    parser = HfArgumentParser((ScriptArguments, TIDPOConfig), prog="tidpo train")
+    # A short usage line: argparse prints it before every flag error, and the full one lists ~150 options.
+    parser = HfArgumentParser(
+        (ScriptArguments, TIDPOConfig),
+        prog="tidpo train",
+        usage="tidpo train [--config run.yaml] [--option value ...]  (tidpo train --help lists the options)",
+    )
     parser.add_argument("--config", help="YAML file of options (flags override it).")
     parser.add_argument(
         "--resume",
@@ -129,9 +176,19 @@ def parse_train_args(argv: list[str]):
     if "output_dir" not in defaults:
         defaults["output_dir"] = "runs/tidpo"
     parser.set_defaults(**defaults)
-    script, config, extra = parser.parse_args_into_dataclasses(args=rest, return_remaining_strings=True)
+    # look_for_args_file=False: never read options from a stray `<argv[0]>.args` file.
+    *objects, extra = parser.parse_args_into_dataclasses(
+        args=rest, return_remaining_strings=True, look_for_args_file=False
+    )
+    script, config = objects[0], objects[1]  # objects[2], when present, holds --config/--resume
     if extra:
-        raise SystemExit(f"tidpo train: unrecognised arguments: {' '.join(extra)}")
+        known_flags = [f"--{key}" for key in _known_keys()]
+        hints = []
+        for arg in extra:
+            flag = arg.split("=")[0]
+            close = difflib.get_close_matches(flag, known_flags, n=1) if flag.startswith("--") else []
+            hints.append(f"{arg!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise CLIError(f"tidpo train: unrecognised argument(s): {', '.join(hints)}")
     return script, config, known.resume
 
 
@@ -140,7 +197,7 @@ def parse_train_args(argv: list[str]):
 
 def _relaunch_with_accelerate(num_processes: int, argv: list[str]) -> int:
     if shutil.which("accelerate") is None:
-        raise SystemExit("tidpo: --num_processes > 1 needs `accelerate` on PATH (pip install accelerate).")
+        raise CLIError("--num_processes > 1 needs `accelerate` on PATH (pip install accelerate).")
     forwarded, skip = [], False
     for i, arg in enumerate(argv):
         if skip:
@@ -181,9 +238,25 @@ def _peft_config(script: ScriptArguments):
 
 
 def _latest_checkpoint(output_dir: str) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
+    # The newest COMPLETE checkpoint: tmp-checkpoint-* folders of a save that was killed never count.
+    from tidpo.training.checkpointing import last_complete_checkpoint
 
-    return get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+    return last_complete_checkpoint(output_dir)
+
+
+def _check_model_path(name_or_path: str, option: str) -> None:
+    """A model given as a path must exist: fail here with the path, not deep inside from_pretrained."""
+    from tidpo.models import EMBEDDED_MODELS
+
+    if name_or_path.lower() in EMBEDDED_MODELS or Path(name_or_path).exists():
+        return
+    looks_like_path = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    if looks_like_path or (os.sep in name_or_path and Path(name_or_path).parent.exists()):
+        raise FileNotFoundError(
+            f"--{option} {name_or_path}: no such model folder (resolved to {Path(name_or_path).resolve()}). "
+            f"Give a folder written by save_pretrained, a built-in name ({', '.join(EMBEDDED_MODELS)}) or a "
+            "Hub id."
+        )
 
 
 def train(argv: list[str]) -> int:
@@ -195,6 +268,12 @@ def train(argv: list[str]) -> int:
     from tidpo.data import load_preference_dataset
     from tidpo.models import load_causal_lm, load_tokenizer
     from tidpo.training.trainer import TIDPOTrainer
+
+    _check_model_path(script.model, "model")
+    if script.ref_model:
+        _check_model_path(script.ref_model, "ref_model")
+    if resume not in (None, "latest") and not Path(resume).is_dir():
+        raise FileNotFoundError(f"--resume {resume}: no such checkpoint folder.")
 
     model_kwargs = dict(config.model_init_kwargs or {})
     model_kwargs.setdefault("dtype", script.dtype)
@@ -229,12 +308,15 @@ def train(argv: list[str]) -> int:
             )
         )
 
+    # A local file goes to the trainer by path, so data errors name the file rather than "<dataset>".
+    train_source = resolve_data(script.train_data)
+    eval_source = resolve_data(script.eval_data) if script.eval_data else None
     trainer = TIDPOTrainer(
         model=model,
         ref_model=ref_model,
         args=config,
-        train_dataset=train_raw,
-        eval_dataset=eval_raw,
+        train_dataset=train_source if Path(train_source).is_file() else train_raw,
+        eval_dataset=eval_source if eval_source and Path(eval_source).is_file() else eval_raw,
         processing_class=tokenizer,
         peft_config=_peft_config(script),
         callbacks=callbacks,
@@ -244,8 +326,16 @@ def train(argv: list[str]) -> int:
         checkpoint = _latest_checkpoint(config.output_dir)
         if checkpoint is None:
             print(f"tidpo: --resume given but no checkpoint in {config.output_dir}; starting afresh.")
+        else:
+            print(f"tidpo: resuming from {checkpoint}", flush=True)
     elif resume:
         checkpoint = resume
+    elif _latest_checkpoint(config.output_dir) is not None:
+        print(
+            f"tidpo: warning: {config.output_dir} already holds checkpoints; this run starts afresh and may "
+            "replace them. Pass --resume to continue the earlier run.",
+            file=sys.stderr,
+        )
     result = trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_model(config.output_dir)
     trainer.save_state()
@@ -394,7 +484,21 @@ def _data(argv: list[str]) -> int:
 COMMANDS = {"train": train, "eval": _eval, "explain": _explain, "data": _data}
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """The errors `main` reports as one line: each names what is wrong and how to fix it."""
+    from tidpo.data import PreferenceDataError
+    from tidpo.tokenops import NonFiniteError
+
+    # ValueError covers TIDPOConfig/TrainingArguments validation (and PreferenceDataError, a subclass);
+    # OSError covers missing files and from_pretrained's "not a folder nor a Hub id".
+    return (CLIError, PreferenceDataError, ValueError, OSError, NonFiniteError)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run a ``tidpo`` command; user errors print ``tidpo: error: <message>`` and return 2.
+
+    ``TIDPO_DEBUG=1`` re-raises them instead, with the full traceback.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print("usage: tidpo {train,eval,explain,data} ...\n")
@@ -403,7 +507,15 @@ def main(argv: list[str] | None = None) -> int:
         print("  explain  show the token-importance weights of a response")
         print("  data     build preference data from a model and a judge (data build ...)")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
-    return COMMANDS[argv[0]](argv[1:])
+    try:
+        return COMMANDS[argv[0]](argv[1:])
+    except _user_errors() as err:
+        if os.environ.get("TIDPO_DEBUG", "").strip() not in ("", "0"):
+            raise
+        message = " ".join(str(err).split()) or type(err).__name__  # one line, whatever the source
+        print(f"tidpo: error: {message}", file=sys.stderr)
+        print("tidpo: (set TIDPO_DEBUG=1 to see the traceback)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ models, batches and metrics around it.
 from __future__ import annotations
 
 import copy
+import re
 import warnings
 from collections import defaultdict
 from typing import Any
@@ -28,13 +29,22 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback
 from transformers.trainer_utils import set_seed
 
-from tidpo.data import PreferenceCollator, prepare_preference_dataset
+from tidpo.data import PreferenceCollator, load_preference_dataset, validate_preference_rows
+from tidpo.data.formats import check_columns
+from tidpo.data.loading import source_name
+from tidpo.data.tokenize import _tokenize_validated
 from tidpo.generation import sample_completion_ids
 from tidpo.importance import attribution_from_targets, gradient_attribution, importance_weights
 from tidpo.losses import dpo_loss, ipo_loss, simpo_loss, triplet_terms, weighted_preference_loss
 from tidpo.models import ensure_pad_token, load_causal_lm, load_tokenizer
 from tidpo.tokenops import NonFiniteError, check_finite, pack_to_response_start, sequential_kl, token_logprobs
+from tidpo.training.checkpointing import save_checkpoint_atomically
 from tidpo.training.config import TIDPOConfig
+
+# A column added to the user's data before validation: each row's 0-based index in the data as given
+# (before identical or overlong rows are dropped), carried into batches as `row_ids` so a NaN/Inf
+# message names the data rows, not just positions inside the batch.
+ROW_ID_COLUMN = "tidpo_row_id"
 
 
 def _is_peft_model(model: nn.Module) -> bool:
@@ -59,6 +69,51 @@ def _pad_to(x: torch.Tensor, width: int, value: int | float | bool) -> torch.Ten
     if x.size(1) == width:
         return x
     return torch.nn.functional.pad(x, (0, width - x.size(1)), value=value)
+
+
+class _RowIdCollator:
+    """Wrap a collator so its batch also carries ``row_ids`` [B] (the ``ROW_ID_COLUMN`` of each row)."""
+
+    def __init__(self, inner: Any):
+        self.inner = inner
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch = self.inner(examples)
+        if all(ROW_ID_COLUMN in ex for ex in examples):
+            batch["row_ids"] = torch.tensor([int(ex[ROW_ID_COLUMN]) for ex in examples], dtype=torch.long)
+        return batch
+
+
+def _repeat_rows(pair_ids: torch.Tensor | None, n_rows: int) -> torch.Tensor | None:
+    # Batch rows are blocks of B pairs (chosen, rejected, anchors), so the ids repeat block-wise.
+    return None if pair_ids is None else pair_ids.repeat(n_rows // pair_ids.numel())
+
+
+_BATCH_ROWS = re.compile(r"in batch rows \[([\d, ]*)\]")
+
+
+def _nonfinite_in_context(err: NonFiniteError, step: int, pair_ids: torch.Tensor | None) -> NonFiniteError:
+    """Add the training step and the data rows to a NaN/Inf error raised inside the maths.
+
+    The guards of `tidpo.tokenops` / `importance` / `losses` name positions in the tensor they check
+    ("batch rows [5]"), not the step or the data. Every such tensor stacks blocks of B pairs (chosen,
+    rejected, anchors), so batch row r belongs to pair r % B, whose data row is ``pair_ids[r % B]``.
+    """
+    message = str(err)
+    extra = []
+    if f"step {step}" not in message:
+        extra.append(f"at step {step} (0-based optimizer step)")
+    if pair_ids is not None and "row ids" not in message:
+        n_pairs = pair_ids.numel()
+        match = _BATCH_ROWS.search(message)
+        if match and match.group(1).strip():
+            pairs = sorted({int(r) % n_pairs for r in match.group(1).split(",")})
+            extra.append(f"row ids {[int(pair_ids[p]) for p in pairs]} (0-based rows of the data)")
+        else:
+            extra.append(f"the batch held row ids {pair_ids.tolist()} (0-based rows of the data)")
+    if not extra:
+        return err
+    return NonFiniteError(f"{message.rstrip('.')} -- {'; '.join(extra)}.")
 
 
 def _disable_dropout(model: nn.Module) -> None:
@@ -156,7 +211,8 @@ class TIDPOTrainer(Trainer):
         super().__init__(
             model=model,
             args=args,
-            data_collator=data_collator or PreferenceCollator(pad_token_id=processing_class.pad_token_id),
+            data_collator=data_collator
+            or _RowIdCollator(PreferenceCollator(pad_token_id=processing_class.pad_token_id)),
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
             processing_class=processing_class,
@@ -190,13 +246,17 @@ class TIDPOTrainer(Trainer):
     def _prepare(dataset: Dataset | str, tokenizer: PreTrainedTokenizerBase, args: TIDPOConfig) -> Dataset:
         if isinstance(dataset, Dataset) and "chosen_input_ids" in dataset.column_names:
             return dataset
-        return prepare_preference_dataset(
-            dataset,
-            tokenizer,
-            max_length=args.max_length,
-            max_prompt_length=args.max_prompt_length,
-            drop_identical=args.drop_identical,
-            drop_overlong=args.drop_overlong,
+        # The steps of tidpo.data.prepare_preference_dataset, with the row-id column added once the
+        # columns are known to be right (so a column error lists only the user's columns) and before
+        # any row is dropped (so the ids are row numbers of the user's data).
+        source = source_name(dataset)
+        raw = load_preference_dataset(dataset)
+        check_columns(raw.column_names, source)
+        if ROW_ID_COLUMN not in raw.column_names:
+            raw = raw.add_column(ROW_ID_COLUMN, list(range(len(raw))))
+        raw = validate_preference_rows(raw, source=source, drop_identical=args.drop_identical)
+        return _tokenize_validated(
+            raw, tokenizer, args.max_length, args.max_prompt_length, args.drop_overlong, source
         )
 
     @torch.no_grad()
@@ -301,9 +361,10 @@ class TIDPOTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         try:
             loss, metrics = self._compute_loss(model, inputs)
-        except NonFiniteError as err:
+        except NonFiniteError as raw:
+            err = _nonfinite_in_context(raw, self.state.global_step, inputs.get("row_ids"))
             if not self.args.skip_nonfinite_batches:
-                raise
+                raise err from raw
             self._nonfinite_skipped += 1
             warnings.warn(f"{err} -- batch skipped (skip_nonfinite_batches=True).", stacklevel=2)
             # A zero loss that still reaches every trainable parameter, so DDP and the optimizer see a
@@ -325,6 +386,7 @@ class TIDPOTrainer(Trainer):
         n_pairs = ids.size(0) // 2
         n_rows = 2 * n_pairs
         chunk = args.logits_chunk_size
+        pair_ids = inputs.get("row_ids")  # data-row index of each pair, for NaN/Inf messages
 
         # Anchors join the concatenated batch: one policy forward for chosen, rejected and anchors.
         if args.uses_triplet:
@@ -368,7 +430,12 @@ class TIDPOTrainer(Trainer):
             handle.remove()
         logits = outputs.logits
         policy_logps = token_logprobs(logits, all_ids, chunk_size=chunk)
-        check_finite("policy log-probs", policy_logps.masked_fill(~all_cmask, 0.0), step=step)
+        check_finite(
+            "policy log-probs",
+            policy_logps.masked_fill(~all_cmask, 0.0),
+            rows=_repeat_rows(pair_ids, all_ids.size(0)),
+            step=step,
+        )
 
         if fused:
             # Eq. 5-6 target: the largest logit at each pair row's last valid position. Taken from the
@@ -409,7 +476,7 @@ class TIDPOTrainer(Trainer):
                 generator=generator,
             )
         weights = weights * cmask  # prompt weights (span "sequence") never enter the loss
-        check_finite("importance weights", weights, step=step)
+        check_finite("importance weights", weights, rows=_repeat_rows(pair_ids, n_rows), step=step)
 
         # Reference log-probs and the sequential KL.
         ref_logits = None
@@ -457,6 +524,7 @@ class TIDPOTrainer(Trainer):
             )
             chosen_rewards = args.beta * c_lr.sum(1) / c_mask.sum(1).clamp(min=1)
             rejected_rewards = args.beta * r_lr.sum(1) / r_mask.sum(1).clamp(min=1)
+        check_finite("per-pair loss", losses.detach(), rows=pair_ids, step=step)
         loss = losses.mean()
 
         metrics: dict[str, float] = {}
@@ -481,6 +549,13 @@ class TIDPOTrainer(Trainer):
             metrics["kl/rejected"] = self._gather_mean(r_kl.sum(1))
         metrics.update(self._weight_metrics(weights, cmask))
         return loss, metrics
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        # Written into tmp-checkpoint-N and renamed when complete, so a run killed mid-save never leaves
+        # a checkpoint-N that resume would pick up half-written (tidpo.training.checkpointing).
+        save_checkpoint_atomically(self, model, trial)
 
     # ------------------------------------------------------------------ metrics
 

@@ -1,0 +1,376 @@
+"""`tidpo train` end to end on a tiny model folder: bad input gives one clear line and exit code 2.
+
+Most cases call `tidpo.cli.main` in-process (what the console script runs) to stay fast; one runs the
+real console script to check what a user sees on the terminal. Warnings are checked with
+`pytest.warns` in-process (pytest captures them before they reach stderr).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import PAIRS
+from helpers.tiny_run import run_tidpo, train_argv, write_jsonl, write_tiny_model
+from tidpo.cli import main
+from tidpo.tokenops import NonFiniteError
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return write_tiny_model(tmp_path_factory.mktemp("cli") / "model")
+
+
+def cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    """Run `tidpo` in-process; return (exit code, stdout, stderr). argparse errors exit via SystemExit."""
+    try:
+        code = main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def expect_error(argv: list[str], capsys, *fragments: str) -> str:
+    """Exit code 2, and stderr is one `tidpo: error:` line (plus the TIDPO_DEBUG hint) holding fragments."""
+    code, _out, err = cli(argv, capsys)
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.startswith("tidpo: error:")]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]
+
+
+def data_file(tmp_path: Path, rows: list[dict], name: str = "pairs.jsonl") -> Path:
+    return write_jsonl(tmp_path / name, rows)
+
+
+def argv_for(model_dir: Path, data: Path, tmp_path: Path, **options) -> list[str]:
+    return train_argv(model_dir, data, tmp_path / "out", **{"max_steps": 1, **options})
+
+
+# ------------------------------------------------------------------------------------------ data
+
+
+def test_misnamed_column_names_the_file_and_suggests_the_rename(model_dir, tmp_path, capsys):
+    rows = [{"prompt": p["prompt"], "response_chosen": p["chosen"], "rejected": p["rejected"]} for p in PAIRS]
+    data = data_file(tmp_path, rows)
+    expect_error(
+        argv_for(model_dir, data, tmp_path),
+        capsys,
+        str(data),
+        "'chosen'",
+        "rename 'response_chosen' to 'chosen'",
+    )
+
+
+def test_missing_column(model_dir, tmp_path, capsys):
+    data = data_file(tmp_path, [{"prompt": p["prompt"], "chosen": p["chosen"]} for p in PAIRS])
+    expect_error(argv_for(model_dir, data, tmp_path), capsys, "missing column(s) ['rejected']")
+
+
+@pytest.mark.parametrize(
+    ("value", "fragment"),
+    [(5, "got int 5"), (None, "missing (null)"), ("", "empty"), ("   ", "empty"), ({"text": "x"}, "dict")],
+)
+def test_bad_chosen_value_names_row_and_field(model_dir, tmp_path, capsys, value, fragment):
+    rows = [dict(p) for p in PAIRS]
+    rows[2]["chosen"] = value
+    data = data_file(tmp_path, rows)
+    expect_error(argv_for(model_dir, data, tmp_path), capsys, str(data), "row 2", "'chosen'", fragment)
+
+
+def test_identical_pairs_are_counted_and_warned_then_train(model_dir, tmp_path, capsys):
+    rows = [*PAIRS, {"prompt": "The sky is", "chosen": " blue.", "rejected": " blue."}]
+    data = data_file(tmp_path, rows)
+    with pytest.warns(UserWarning, match=r"1 row\(s\) have chosen identical to rejected \(0-based rows 8\)"):
+        code, _out, err = cli(argv_for(model_dir, data, tmp_path), capsys)
+    assert code == 0, err
+
+
+def test_drop_identical_drops_and_reports(model_dir, tmp_path, capsys):
+    rows = [*PAIRS, {"prompt": "The sky is", "chosen": " blue.", "rejected": " blue."}]
+    data = data_file(tmp_path, rows)
+    with pytest.warns(UserWarning, match=r"dropped 1 row\(s\).*8 row\(s\) remain"):
+        code, _out, err = cli(argv_for(model_dir, data, tmp_path, drop_identical="true"), capsys)
+    assert code == 0, err
+
+
+def test_all_identical_with_drop_identical_is_an_error(model_dir, tmp_path, capsys):
+    data = data_file(tmp_path, [{"prompt": "a", "chosen": " b", "rejected": " b"}] * 3)
+    expect_error(argv_for(model_dir, data, tmp_path, drop_identical="true"), capsys, "nothing is left")
+
+
+def overlong_config(tmp_path: Path, **extra) -> Path:
+    # No prompt truncation, so a long prompt can fill max_length by itself.
+    config = {"max_length": 12, "max_prompt_length": None, **extra}
+    path = tmp_path / "run.yaml"
+    path.write_text(json.dumps(config))  # JSON is YAML
+    return path
+
+
+def overlong_rows() -> list[dict]:
+    rows = [{"prompt": "It was", "chosen": " blue.", "rejected": " green."}] * 4
+    long_prompt = (
+        "Write a short review of the restaurant. Seek medical advice promptly instead of self-medicating."
+    )
+    return [*rows[:2], {"prompt": long_prompt, "chosen": " ok.", "rejected": " no."}, *rows[2:]]
+
+
+def test_prompt_filling_max_length_is_an_error_naming_rows(model_dir, tmp_path, capsys):
+    data = data_file(tmp_path, overlong_rows())
+    argv = [*argv_for(model_dir, data, tmp_path, max_length=None, max_prompt_length=None)]
+    argv += ["--config", str(overlong_config(tmp_path))]
+    expect_error(argv, capsys, "max_length=12", "0-based rows 2", "drop-overlong")
+
+
+def test_drop_overlong_drops_and_reports(model_dir, tmp_path, capsys):
+    data = data_file(tmp_path, overlong_rows())
+    argv = [*argv_for(model_dir, data, tmp_path, max_length=None, max_prompt_length=None)]
+    argv += ["--config", str(overlong_config(tmp_path, drop_overlong=True))]
+    with pytest.warns(UserWarning, match=r"dropped 1 overlong row\(s\) \(0-based rows 2\).*4 remain"):
+        code, _out, err = cli(argv, capsys)
+    assert code == 0, err
+
+
+def test_everything_overlong_is_an_error(model_dir, tmp_path, capsys):
+    data = data_file(tmp_path, [overlong_rows()[2]] * 2)
+    argv = [*argv_for(model_dir, data, tmp_path, max_length=None, max_prompt_length=None)]
+    argv += ["--config", str(overlong_config(tmp_path, drop_overlong=True))]
+    expect_error(argv, capsys, "dropped as overlong", "nothing is left")
+
+
+def test_missing_data_file(model_dir, tmp_path, capsys):
+    expect_error(argv_for(model_dir, tmp_path / "nope.jsonl", tmp_path), capsys, "not found", "nope.jsonl")
+
+
+def test_malformed_jsonl_line(model_dir, tmp_path, capsys):
+    data = tmp_path / "bad.jsonl"
+    data.write_text(json.dumps(PAIRS[0]) + "\n{not json\n")
+    expect_error(argv_for(model_dir, data, tmp_path), capsys, "line 2", "not valid JSON")
+
+
+# ------------------------------------------------------------------------------------------ tokenizer
+
+
+def test_tokenizer_without_pad_token_pads_with_eos(tmp_path, capsys):
+    model = write_tiny_model(tmp_path / "nopad", pad=False)
+    data = data_file(tmp_path, PAIRS)
+    code, _out, err = cli(argv_for(model, data, tmp_path), capsys)
+    assert code == 0, err
+    saved = json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())
+    assert saved["pad_token"] == saved["eos_token"] == "<|im_end|>"
+
+
+def test_tokenizer_without_pad_and_eos_is_a_clear_error(tmp_path, capsys):
+    model = write_tiny_model(tmp_path / "noeos", pad=False, eos=False)
+    data = data_file(tmp_path, PAIRS)
+    expect_error(argv_for(model, data, tmp_path), capsys, "neither a pad token nor an EOS token")
+
+
+def test_missing_model_folder(tmp_path, capsys):
+    data = data_file(tmp_path, PAIRS)
+    expect_error(argv_for(tmp_path / "no-model", data, tmp_path), capsys, "no such model folder", "no-model")
+
+
+# ------------------------------------------------------------------------------------------ options
+
+
+@pytest.mark.parametrize(
+    ("flags", "fragments"),
+    [
+        (["--beta", "0"], ["invalid beta=0.0", "> 0"]),
+        (["--lambda_importance", "1.5"], ["lambda_importance=1.5", "[0, 1]"]),
+        (["--loss_type", "kto"], ["loss_type='kto'", "ti_dpo"]),
+        (["--max_prompt_length", "64", "--max_length", "32"], ["max_prompt_length=64", "max_length=32"]),
+        (["--label_smoothing", "0.2"], ["label_smoothing=0.2"]),
+    ],
+)
+def test_invalid_hyper_parameters(model_dir, tmp_path, capsys, flags, fragments):
+    data = data_file(tmp_path, PAIRS)
+    argv = argv_for(model_dir, data, tmp_path, max_length=None, max_prompt_length=None)
+    expect_error([*argv, *flags], capsys, "TIDPOConfig", *fragments)
+
+
+def test_unknown_yaml_key_suggests_the_right_one(model_dir, tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text("betta: 0.2\nlearning_rate: 1e-3\n")
+    data = data_file(tmp_path, PAIRS)
+    expect_error(
+        [*argv_for(model_dir, data, tmp_path), "--config", str(config)],
+        capsys,
+        "unknown option(s)",
+        "'betta' (did you mean 'beta'?)",
+    )
+
+
+def test_yaml_value_of_the_wrong_type(model_dir, tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text("beta: [0.1]\n")
+    data = data_file(tmp_path, PAIRS)
+    expect_error(
+        [*argv_for(model_dir, data, tmp_path), "--config", str(config)], capsys, "'beta' must be a number"
+    )
+
+
+def test_invalid_value_in_yaml_is_validated_like_a_flag(model_dir, tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text("gamma: -1\n")
+    data = data_file(tmp_path, PAIRS)
+    expect_error([*argv_for(model_dir, data, tmp_path), "--config", str(config)], capsys, "invalid gamma=-1")
+
+
+def test_missing_and_broken_config_files(model_dir, tmp_path, capsys):
+    data = data_file(tmp_path, PAIRS)
+    base = argv_for(model_dir, data, tmp_path)
+    expect_error([*base, "--config", str(tmp_path / "none.yaml")], capsys, "config file", "not found")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("beta: [0.1\n")
+    expect_error([*base, "--config", str(broken)], capsys, "not valid YAML")
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- beta\n")
+    expect_error([*base, "--config", str(listed)], capsys, "must hold a mapping")
+
+
+def test_bad_flag_value_is_one_argparse_line(model_dir, tmp_path, capsys):
+    data = data_file(tmp_path, PAIRS)
+    code, _out, err = cli([*argv_for(model_dir, data, tmp_path), "--beta", "abc"], capsys)
+    assert code == 2
+    assert "argument --beta: invalid float value: 'abc'" in err
+    assert len(err.strip().splitlines()) <= 3, err  # short usage + the error, not 150 options
+
+
+def test_misspelt_flag_suggests_the_right_one(model_dir, tmp_path, capsys):
+    data = data_file(tmp_path, PAIRS)
+    expect_error(
+        [*argv_for(model_dir, data, tmp_path), "--bta", "0.2"], capsys, "'--bta' (did you mean '--beta'?)"
+    )
+
+
+def test_resume_from_a_missing_checkpoint_folder(model_dir, tmp_path, capsys):
+    data = data_file(tmp_path, PAIRS)
+    expect_error(
+        [*argv_for(model_dir, data, tmp_path), "--resume", str(tmp_path / "checkpoint-9")],
+        capsys,
+        "no such checkpoint folder",
+    )
+
+
+# ------------------------------------------------------------------------------------------ NaN guards
+
+
+@pytest.fixture(scope="module")
+def nan_model_dir(tmp_path_factory):
+    """A saved model whose input embedding of one token, used only in the chosen of row 5, is NaN."""
+    from safetensors.torch import load_file, save_file
+
+    from tidpo.models import tiny_tokenizer
+
+    folder = write_tiny_model(tmp_path_factory.mktemp("nan") / "model")
+    tokenizer = tiny_tokenizer()
+    ids = tokenizer(PAIRS[5]["chosen"])["input_ids"]
+    others = {
+        t
+        for i, p in enumerate(PAIRS)
+        for f in p
+        if (i, f) != (5, "chosen")
+        for t in tokenizer(p[f])["input_ids"]
+    }
+    token = next(t for t in ids[:-1] if t not in others)
+    weights = load_file(str(folder / "model.safetensors"))
+    key = next(k for k in weights if k.endswith("embed_tokens.weight"))
+    weights[key][token] = float("nan")
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return folder
+
+
+def test_nan_stops_the_run_naming_step_and_data_row(nan_model_dir, tmp_path, capsys):
+    data = data_file(tmp_path, PAIRS)
+    argv = argv_for(nan_model_dir, data, tmp_path, per_device_train_batch_size=8, gamma=0.0)
+    expect_error(argv, capsys, "non-finite", "at step 0", "row ids [5]")
+
+
+def test_nan_traceback_with_tidpo_debug(nan_model_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TIDPO_DEBUG", "1")
+    data = data_file(tmp_path, PAIRS)
+    with pytest.raises(NonFiniteError, match="row ids"):
+        main(argv_for(nan_model_dir, data, tmp_path, per_device_train_batch_size=8, gamma=0.0))
+
+
+def test_skip_nonfinite_batches_skips_and_counts_them(nan_model_dir, tmp_path, capsys):
+    data = data_file(tmp_path, PAIRS)
+    # Two batches of 4 pairs: exactly one holds row 5.
+    argv = argv_for(
+        nan_model_dir,
+        data,
+        tmp_path,
+        per_device_train_batch_size=4,
+        max_steps=2,
+        gamma=0.0,
+        skip_nonfinite_batches="true",
+    )
+    with pytest.warns(UserWarning, match=r"row ids \[5\].*batch skipped"):
+        code, _out, err = cli(argv, capsys)
+    assert code == 0, err
+    state = json.loads((tmp_path / "out" / "trainer_state.json").read_text())
+    steps = [h for h in state["log_history"] if "nonfinite/skipped" in h]
+    assert [h["nonfinite/skipped"] for h in steps][-1] == 1.0
+    assert len(steps) == 2
+
+
+# ------------------------------------------------------------------------------------------ terminal
+
+
+def test_console_script_prints_one_line_not_a_traceback(model_dir, tmp_path):
+    rows = [dict(p) for p in PAIRS]
+    rows[3]["rejected"] = 7
+    data = data_file(tmp_path, rows)
+    done = run_tidpo(argv_for(model_dir, data, tmp_path), timeout=120)
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("tidpo: error:")]
+    assert len(errors) == 1 and "row 3" in errors[0] and "'rejected'" in errors[0], done.stderr
+
+
+# ------------------------------------------------------------------------------------------ fuzz
+
+_texts = st.sampled_from(["The sky is", " blue.", " green.", "", "  ", "A cat sat on the mat", "\n"])
+_values = st.one_of(
+    _texts,
+    st.none(),
+    st.integers(-3, 3),
+    st.booleans(),
+    st.lists(
+        st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant"]), "content": _texts}), max_size=2
+    ),
+)
+_row = st.one_of(
+    st.just({"prompt": "The sky is", "chosen": " blue.", "rejected": " green."}),
+    st.dictionaries(st.sampled_from(["prompt", "chosen", "rejected", "question"]), _values, max_size=4),
+)
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=st.lists(_row, min_size=1, max_size=4))
+def test_fuzz_rows_through_the_cli_train_or_fail_clearly(model_dir, tmp_path_factory, capsys, rows):
+    """Every file either trains or stops with one `tidpo: error:` line (never a deep traceback:
+    `main` only catches the project's error types, anything else escapes and fails this test)."""
+    tmp = tmp_path_factory.mktemp("fuzz")
+    data = data_file(tmp, rows)
+    argv = train_argv(model_dir, data, tmp / "out", max_steps=1, anchor_max_new_tokens=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # identical/empty-prompt rows warn; not what this test is about
+        code, _out, err = cli(argv, capsys)
+    if code == 2:
+        assert "Traceback" not in err
+        assert len([line for line in err.splitlines() if line.startswith("tidpo: error:")]) == 1, err
+    else:
+        assert code == 0, err
+        assert (tmp / "out" / "model.safetensors").exists()
