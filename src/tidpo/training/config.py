@@ -102,8 +102,9 @@ class TIDPOConfig(TrainingArguments):
 
         skip_nonfinite_batches (`bool`, defaults to `False`):
             By default a NaN/Inf in log-probs, weights or the loss stops the run with a message naming the
-            step and rows. When True such a batch contributes a zero update, is counted in the logs
-            (`nonfinite/skipped`) and warned about.
+            step and rows. When True such a batch contributes a zero gradient, is counted in the logs
+            (`nonfinite/skipped`) and warned about. The optimizer still steps, so momentum and weight
+            decay still move the weights on that step.
         logits_chunk_size (`int`, defaults to `4096`):
             Rows of [rows, vocab] logits processed at once by the chunked log-prob and KL kernels; bounds
             the float32 working memory.
