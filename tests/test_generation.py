@@ -166,3 +166,31 @@ def test_bad_inputs_raise(model, tok):
         generate(model, tok, "The sky is")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="max_new_tokens"):
         generate(model, tok, ["x"], max_new_tokens=0)
+
+
+def test_shared_prompt_pass_matches_repeated_prompts(model, tok):
+    # With K > 1 the prompt is run once and its cache copied K times; the continuations must be what
+    # running each prompt copy separately gives (greedy, so all K copies are equal).
+    ids, mask = _left_pad(tok, ["A cat", "Please answer briefly, in lowercase. The dog ran"])
+    single = sample_completion_ids(model, ids, mask, max_new_tokens=7, do_sample=False)
+    shared = sample_completion_ids(
+        model, ids, mask, max_new_tokens=7, do_sample=False, num_return_sequences=3
+    )
+    assert shared.shape == (6, single.shape[1])
+    assert torch.equal(shared, single.repeat_interleave(3, dim=0))
+    # A batch with a one-token prompt cannot share the prompt pass (nothing to cache for that row):
+    # the plain path must give the same kind of result.
+    one = tok("A", add_special_tokens=False)["input_ids"]
+    assert len(one) == 1
+    ids1, mask1 = torch.tensor([one]), torch.ones(1, 1, dtype=torch.long)
+    single1 = sample_completion_ids(model, ids1, mask1, max_new_tokens=5, do_sample=False)
+    shared1 = sample_completion_ids(
+        model, ids1, mask1, max_new_tokens=5, do_sample=False, num_return_sequences=2
+    )
+    assert torch.equal(shared1, single1.repeat_interleave(2, dim=0))
+    # Seeded sampling on the shared path is reproducible and has K rows per prompt.
+    torch.manual_seed(5)
+    a = sample_completion_ids(model, ids, mask, max_new_tokens=7, num_return_sequences=4)
+    torch.manual_seed(5)
+    b = sample_completion_ids(model, ids, mask, max_new_tokens=7, num_return_sequences=4)
+    assert a.shape[0] == 8 and torch.equal(a, b)

@@ -14,11 +14,12 @@ with the model in ``eval()`` mode, and put the model's previous mode back afterw
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Union
 
 import torch
-from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import DynamicCache, GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from tidpo.models import ensure_pad_token
 
@@ -162,19 +163,61 @@ def sample_completion_ids(
         temperature=temperature,
         top_k=top_k,
         top_p=top_p,
-        num_return_sequences=num_return_sequences,
+        num_return_sequences=1,
         eos_token_id=eos_token_id,
         pad_token_id=pad_token_id,
     )
+    if num_return_sequences < 1:
+        raise ValueError(f"num_return_sequences must be >= 1, got {num_return_sequences}")
     device = _model_device(model)
+    ids, mask = prompt_input_ids.to(device), prompt_attention_mask.to(device)
     with _eval_mode(model):
-        out = model.generate(
-            input_ids=prompt_input_ids.to(device),
-            attention_mask=prompt_attention_mask.to(device),
-            generation_config=config,
-        )
+        cache = None
+        if num_return_sequences > 1:
+            # The K copies of a prompt are made here rather than by generate(), which would run each
+            # prompt K times and refuses K > 1 for greedy decoding.
+            if _can_share_prefill(model, mask):
+                cache = _shared_prefill(model, ids, mask, num_return_sequences)
+            ids = ids.repeat_interleave(num_return_sequences, dim=0)
+            mask = mask.repeat_interleave(num_return_sequences, dim=0)
+        extra = {} if cache is None else {_cache_kwarg(model): cache}
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config, **extra)
     sequences = out if isinstance(out, torch.Tensor) else out.sequences
     return sequences[:, prompt_input_ids.shape[1] :]
+
+
+def _can_share_prefill(model: torch.nn.Module, mask: torch.Tensor) -> bool:
+    # Only for plain transformers models (wrappers may not route past_key_values the same way), and
+    # only when every prompt keeps a real token in the shared part (an all-padding row would attend
+    # to nothing).
+    return isinstance(model, PreTrainedModel) and mask.shape[1] >= 2 and bool((mask[:, :-1].sum(1) > 0).all())
+
+
+def _cache_kwarg(model: torch.nn.Module) -> str:
+    # transformers 5.2x renamed `past_key_values` to `cache` (the old name warns); support both.
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _shared_prefill(model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor, k: int) -> DynamicCache:
+    """Run the prompts (all but their last token) once and copy the KV cache for the K samples.
+
+    ``generate`` would otherwise repeat each prompt K times before its first forward, and on CPU the
+    prompt pass dominates short generations. ``generate`` then sees a cache covering all but the last
+    prompt token and only feeds that token, exactly as it does after its own prefill.
+    """
+    cache = DynamicCache(config=model.config)
+    head_ids, head_mask = ids[:, :-1], mask[:, :-1]
+    # Same position ids as generate() derives from a left-padded mask.
+    position_ids = (head_mask.long().cumsum(-1) - 1).masked_fill(head_mask == 0, 0)
+    model(
+        input_ids=head_ids,
+        attention_mask=head_mask,
+        position_ids=position_ids,
+        use_cache=True,
+        **{_cache_kwarg(model): cache},
+    )
+    cache.batch_repeat_interleave(k)
+    return cache
 
 
 def render_prompt(tokenizer: PreTrainedTokenizerBase, prompt: Prompt) -> str:
