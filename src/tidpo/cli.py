@@ -13,7 +13,6 @@ import argparse
 import difflib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import typing
@@ -48,6 +47,8 @@ class ScriptArguments:
         report: write ``report.html`` in the run folder at the end of training.
         report_pairs: how many training pairs the report pictures (token importance).
         num_processes: >1 relaunches this command under ``accelerate launch`` with that many processes.
+        accelerate_config: an accelerate config file for that relaunch (e.g.
+            ``configs/accelerate/zero3.yaml``); default: plain DDP over ``num_processes`` processes.
     """
 
     model: str = "smollm2-135m"
@@ -66,6 +67,7 @@ class ScriptArguments:
     report: bool = True
     report_pairs: int = 3
     num_processes: int = 1
+    accelerate_config: str | None = None
 
 
 class CLIError(Exception):
@@ -195,30 +197,37 @@ def parse_train_args(argv: list[str]):
 # ------------------------------------------------------------------------------------------ train
 
 
-def _relaunch_with_accelerate(num_processes: int, argv: list[str]) -> int:
-    if shutil.which("accelerate") is None:
-        raise CLIError("--num_processes > 1 needs `accelerate` on PATH (pip install accelerate).")
+def _relaunch_with_accelerate(
+    num_processes: int, argv: list[str], accelerate_config: str | None = None
+) -> int:
+    import importlib.util
+
+    if importlib.util.find_spec("accelerate") is None:
+        raise CLIError("--num_processes > 1 needs accelerate (pip install accelerate).")
+    if accelerate_config is not None and not Path(accelerate_config).is_file():
+        raise CLIError(f"--accelerate_config {accelerate_config}: no such file.")
     forwarded, skip = [], False
-    for i, arg in enumerate(argv):
+    for arg in argv:
         if skip:
             skip = False
             continue
-        if arg == "--num_processes":
+        if arg in ("--num_processes", "--accelerate_config"):
             skip = True
             continue
-        if arg.startswith("--num_processes="):
+        if arg.startswith(("--num_processes=", "--accelerate_config=")):
             continue
-        forwarded.append(argv[i])
-    cmd = [
-        "accelerate",
-        "launch",
-        "--num_processes",
-        str(num_processes),
-        "-m",
-        "tidpo.cli",
-        "train",
-        *forwarded,
-    ]
+        forwarded.append(arg)
+    # The launcher of this interpreter, so no `accelerate` on PATH is needed (e.g. venv not activated).
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes)]
+    if accelerate_config is not None:
+        # The file picks the backend (DDP, DeepSpeed, FSDP); --multi_gpu here would override it.
+        cmd += ["--config_file", accelerate_config]
+    else:
+        # Without a config file and fewer than 2 GPUs, `accelerate launch` silently starts ONE process;
+        # --multi_gpu always starts N (gloo on CPU-only machines, NCCL on GPUs). Port 0 = a free port,
+        # so two single-node runs on one machine do not collide on the default 29500.
+        cmd += ["--multi_gpu", "--main_process_port", "0"]
+    cmd += ["-m", "tidpo.cli", "train", *forwarded]
     print("tidpo: relaunching under accelerate:", " ".join(cmd), flush=True)
     return subprocess.call(cmd)
 
@@ -263,7 +272,7 @@ def train(argv: list[str]) -> int:
     script, config, resume = parse_train_args(argv)
     in_launcher = "LOCAL_RANK" in os.environ or "ACCELERATE_MIXED_PRECISION" in os.environ
     if script.num_processes > 1 and not in_launcher:
-        return _relaunch_with_accelerate(script.num_processes, argv)
+        return _relaunch_with_accelerate(script.num_processes, argv, script.accelerate_config)
 
     from tidpo.data import load_preference_dataset
     from tidpo.models import load_causal_lm, load_tokenizer
@@ -281,6 +290,11 @@ def train(argv: list[str]) -> int:
         from transformers import BitsAndBytesConfig
 
         model_kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
+        if "device_map" not in model_kwargs:
+            from accelerate import PartialState
+
+            # 4-bit weights are quantised on load, onto this process's GPU (one whole copy per rank).
+            model_kwargs["device_map"] = {"": PartialState().local_process_index}
     model = load_causal_lm(script.model, **model_kwargs)
     tokenizer = load_tokenizer(script.model)
     ref_model = load_causal_lm(script.ref_model, **model_kwargs) if script.ref_model else None

@@ -17,7 +17,6 @@ models, batches and metrics around it.
 
 from __future__ import annotations
 
-import copy
 import re
 import warnings
 from collections import defaultdict
@@ -34,12 +33,21 @@ from tidpo.data.formats import check_columns
 from tidpo.data.loading import source_name
 from tidpo.data.tokenize import _tokenize_validated
 from tidpo.generation import sample_completion_ids
-from tidpo.importance import attribution_from_targets, gradient_attribution, importance_weights
+from tidpo.importance import attribution_from_targets, importance_weights
 from tidpo.losses import dpo_loss, ipo_loss, simpo_loss, triplet_terms, weighted_preference_loss
 from tidpo.models import ensure_pad_token, load_causal_lm, load_tokenizer
 from tidpo.tokenops import NonFiniteError, check_finite, pack_to_response_start, sequential_kl, token_logprobs
 from tidpo.training.checkpointing import save_checkpoint_atomically
 from tidpo.training.config import TIDPOConfig
+from tidpo.training.distributed import (
+    default_reference_model,
+    fused_attribution_supported,
+    global_mean,
+    prepare_reference_model,
+    rank_slice,
+    separate_attribution,
+    unwrapped_for_generation,
+)
 
 # A column added to the user's data before validation: each row's 0-based index in the data as given
 # (before identical or overlong rows are dropped), carried into batches as `row_ids` so a NaN/Inf
@@ -190,7 +198,8 @@ class TIDPOTrainer(Trainer):
                     "TIDPOTrainer: loss_type='simpo' is reference-free; do not pass a ref_model."
                 )
         elif ref_model is None and not self.is_peft:
-            ref_model = copy.deepcopy(model)
+            # A copy of the policy; reloaded from its checkpoint under ZeRO-3 (partitioned weights).
+            ref_model = default_reference_model(model, args.model_init_kwargs)
         elif isinstance(ref_model, str):
             ref_model = load_causal_lm(ref_model, **(args.model_init_kwargs or {}))
         if ref_model is not None:
@@ -225,13 +234,22 @@ class TIDPOTrainer(Trainer):
         }
         self._nonfinite_skipped = 0
 
-        if ref_model is not None:
-            if self.is_deepspeed_enabled or self.is_fsdp_enabled:
-                self.ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True)
-            else:
-                self.ref_model = ref_model.to(self.accelerator.device)
-        else:
-            self.ref_model = None
+        # Sharded like the policy under ZeRO-3 / FSDP, a device replica otherwise (distributed.py).
+        self.ref_model = (
+            prepare_reference_model(ref_model, self.accelerator) if ref_model is not None else None
+        )
+        if (
+            args.uses_attribution
+            and args.attribution_pass == "fused"
+            and not fused_attribution_supported(self.accelerator)
+        ):
+            warnings.warn(
+                "attribution_pass='fused' is not safe under DeepSpeed or FSDP (their end-of-backward hooks "
+                "would fire on the attribution gradient): the "
+                "attribution runs as a separate eval-mode pass instead (same weights without dropout). "
+                "See tidpo.training.distributed.fused_attribution_supported.",
+                stacklevel=2,
+            )
 
         if args.precompute_ref_logps:
             self.train_dataset = self._precompute_ref_logps(self.train_dataset)
@@ -261,27 +279,45 @@ class TIDPOTrainer(Trainer):
 
     @torch.no_grad()
     def _precompute_ref_logps(self, dataset: Dataset) -> Dataset:
-        """Cache the reference's per-token log-probs of every response token as dataset columns."""
+        """Cache the reference's per-token log-probs of every response token as dataset columns.
+
+        The rows are split across ranks (each rank runs ~1/N of the data, the same number of batches on
+        every rank) and the results gathered, so every rank ends with the same full columns.
+        """
         if "ref_chosen_logps" in dataset.column_names:
             return dataset
-        loader = torch.utils.data.DataLoader(
-            dataset,
-            batch_size=self.args.per_device_eval_batch_size,
-            collate_fn=self.data_collator,
-            shuffle=False,
-        )
-        chosen, rejected = [], []
-        for batch in loader:
-            ids = batch["input_ids"].to(self.accelerator.device)
-            attn = batch["attention_mask"].to(self.accelerator.device)
-            mask = batch["completion_mask"].to(self.accelerator.device).bool()
+        acc = self.accelerator
+        if self.ref_model is None and (self.is_deepspeed_enabled or self.is_fsdp_enabled):
+            # Under LoRA the reference is the policy itself, which DeepSpeed/FSDP only place and shard
+            # in train(); a forward here would run on unplaced (or partitioned) weights.
+            raise ValueError(
+                "precompute_ref_logps=True with LoRA is not supported under DeepSpeed or FSDP (the policy is "
+                "not placed yet when the cache is built). Set precompute_ref_logps=False."
+            )
+        batch_size = self.args.per_device_eval_batch_size
+        indices = rank_slice(len(dataset), acc.num_processes, acc.process_index, batch_size)
+        local: list[tuple[int, list[float], list[float]]] = []
+        for start in range(0, len(indices), batch_size):
+            rows = indices[start : start + batch_size]
+            batch = self.data_collator([dataset[i] for i in rows])
+            ids = batch["input_ids"].to(acc.device)
+            attn = batch["attention_mask"].to(acc.device)
+            mask = batch["completion_mask"].to(acc.device).bool()
             ref = token_logprobs(
                 self._reference_logits(ids, attn), ids, chunk_size=self.args.logits_chunk_size
-            )
-            n = ids.size(0) // 2
-            for row in range(ids.size(0)):
-                values = ref[row][mask[row]].float().cpu().tolist()
-                (chosen if row < n else rejected).append(values)
+            ).float()
+            n = len(rows)  # rows 0..n-1 are prompt+chosen, n..2n-1 prompt+rejected
+            for k, index in enumerate(rows):
+                chosen_row = ref[k][mask[k]].cpu().tolist()
+                rejected_row = ref[n + k][mask[n + k]].cpu().tolist()
+                local.append((index, chosen_row, rejected_row))
+        if acc.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            local = gather_object(local)
+        by_index = {index: (c, r) for index, c, r in local}  # padding repeats rows: same values
+        chosen = [by_index[i][0] for i in range(len(dataset))]
+        rejected = [by_index[i][1] for i in range(len(dataset))]
         return dataset.add_column("ref_chosen_logps", chosen).add_column("ref_rejected_logps", rejected)
 
     # ------------------------------------------------------------------ model pieces
@@ -316,7 +352,9 @@ class TIDPOTrainer(Trainer):
         with torch.random.fork_rng(devices=devices), torch.no_grad():
             torch.manual_seed(seed)
             try:
-                completion = self._sample(model, prompt_ids, prompt_mask)
+                # Whole weights for sampling: ZeRO-3 gathers them, FSDP keeps ranks in step.
+                with unwrapped_for_generation(model, self.accelerator) as bare:
+                    completion = self._sample(bare, prompt_ids, prompt_mask)
             except RuntimeError as err:
                 # torch.multinomial's "probability tensor contains either inf, nan or element < 0".
                 if "inf" in str(err) and "nan" in str(err):
@@ -401,10 +439,10 @@ class TIDPOTrainer(Trainer):
 
         mode = args.effective_importance_mode
         fused = args.uses_attribution and args.attribution_pass == "fused" and model.training
-        fused = fused and torch.is_grad_enabled()
+        fused = fused and torch.is_grad_enabled() and fused_attribution_supported(self.accelerator)
         scores = None
         if args.uses_attribution and not fused:
-            scores = gradient_attribution(self.accelerator.unwrap_model(model), ids, attn)
+            scores = separate_attribution(model, self.accelerator, ids, attn)
 
         # Capture the input embeddings through a hook, so the forward still goes through the wrapped
         # model (DDP / DeepSpeed / FSDP bookkeeping) and the attribution gradient can target them.
@@ -560,7 +598,8 @@ class TIDPOTrainer(Trainer):
     # ------------------------------------------------------------------ metrics
 
     def _gather_mean(self, values: torch.Tensor) -> float:
-        return self.accelerator.gather_for_metrics(values.detach().float().reshape(-1)).mean().item()
+        # (sum, count) per rank: robust to per-rank shapes, the same value on every rank.
+        return global_mean(self.accelerator, values)
 
     def _pair_metrics(self, chosen_rewards, rejected_rewards, policy_logps, logits, cmask, n_pairs):
         with torch.no_grad():
