@@ -90,6 +90,18 @@ def test_every_loss_type_trains(tmp_path, tiny_tok, tiny_llama, pairs_dataset, l
         assert trainer.ref_model is None
 
 
+@pytest.mark.parametrize("attribution_pass", ["fused", "separate"])
+def test_anchors_longer_than_the_pairs(tmp_path, tiny_tok, tiny_llama, pairs_dataset, attribution_pass):
+    """Anchors (up to 40 new tokens) widen the forward batch beyond the pairs' width."""
+    args = make_config(tmp_path, anchor_max_new_tokens=40, max_steps=1, attribution_pass=attribution_pass)
+    trainer = TIDPOTrainer(tiny_llama, args=args, train_dataset=pairs_dataset, processing_class=tiny_tok)
+    before = params_snapshot(trainer.model)
+    # An untrained tiny model rarely samples EOS, so anchors run to the limit.
+    trainer.train()
+    logs = assert_trained(trainer, before)
+    assert logs[-1]["anchor/length"] > 20
+
+
 @pytest.mark.parametrize("mode", ["hybrid", "uniform", "random", "prior", "gradient", "softmax"])
 def test_every_importance_mode_trains(tmp_path, tiny_tok, tiny_llama, pairs_dataset, mode):
     args = make_config(tmp_path, importance_mode=mode, gamma=0.0, tdpo_alpha=0.0)

@@ -423,17 +423,18 @@ class TIDPOTrainer(Trainer):
         cmask = inputs["completion_mask"].bool()
         n_pairs = ids.size(0) // 2
         n_rows = 2 * n_pairs
+        width = ids.size(1)  # the pairs' width; anchor rows may make the forward batch wider
         chunk = args.logits_chunk_size
         pair_ids = inputs.get("row_ids")  # data-row index of each pair, for NaN/Inf messages
 
         # Anchors join the concatenated batch: one policy forward for chosen, rejected and anchors.
         if args.uses_triplet:
             a_ids, a_attn, a_cmask = self._sample_anchors(model, inputs)
-            width = max(ids.size(1), a_ids.size(1))
+            full_width = max(width, a_ids.size(1))
             pad = self.processing_class.pad_token_id
-            all_ids = torch.cat([_pad_to(ids, width, pad), _pad_to(a_ids, width, pad)])
-            all_attn = torch.cat([_pad_to(attn, width, 0), _pad_to(a_attn, width, 0)])
-            all_cmask = torch.cat([_pad_to(cmask, width, False), _pad_to(a_cmask, width, False)])
+            all_ids = torch.cat([_pad_to(ids, full_width, pad), _pad_to(a_ids, full_width, pad)])
+            all_attn = torch.cat([_pad_to(attn, full_width, 0), _pad_to(a_attn, full_width, 0)])
+            all_cmask = torch.cat([_pad_to(cmask, full_width, False), _pad_to(a_cmask, full_width, False)])
         else:
             all_ids, all_attn, all_cmask = ids, attn, cmask
 
@@ -467,7 +468,8 @@ class TIDPOTrainer(Trainer):
         finally:
             handle.remove()
         logits = outputs.logits
-        policy_logps = token_logprobs(logits, all_ids, chunk_size=chunk)
+        # Only response positions enter any loss: skip the prompt's share of the vocabulary work.
+        policy_logps = token_logprobs(logits, all_ids, chunk_size=chunk, mask=all_cmask)
         check_finite(
             "policy log-probs",
             policy_logps.masked_fill(~all_cmask, 0.0),
@@ -489,9 +491,9 @@ class TIDPOTrainer(Trainer):
             ):
                 last_logits = hidden_logits
             targets = last_logits.float().max(dim=-1).values
-            scores = attribution_from_targets(targets, captured["embeds"], all_attn, retain_graph=True)[
-                :n_rows
-            ]
+            scores = attribution_from_targets(targets, captured["embeds"], all_attn, retain_graph=True)
+            # Anchor rows may have widened the batch; pair rows are only padding past their own width.
+            scores = scores[:n_rows, :width]
 
         span = cmask if args.importance_span == "response" else attn.bool()
         if mode == "dataset":
@@ -523,16 +525,17 @@ class TIDPOTrainer(Trainer):
                 ref_logps = inputs["ref_logps"].float()
             else:
                 ref_logits = self._reference_logits(all_ids, all_attn)
-                ref_logps = token_logprobs(ref_logits, all_ids, chunk_size=chunk)
+                ref_logps = token_logprobs(ref_logits, all_ids, chunk_size=chunk, mask=all_cmask)
                 if "ref_logps" in inputs:  # cached for the pairs; the anchors needed a forward anyway
-                    ref_logps = torch.cat([inputs["ref_logps"].float(), ref_logps[n_rows:]])
+                    cached = _pad_to(inputs["ref_logps"].float(), ref_logps.size(1), 0.0)
+                    ref_logps = torch.cat([cached, ref_logps[n_rows:]])
             logratios = (policy_logps - _pad_to(ref_logps, policy_logps.size(1), 0.0)) * all_cmask
         else:
             logratios = policy_logps * all_cmask
         kl = None
         if args.uses_sequential_kl:
-            kl = sequential_kl(ref_logits[:n_rows], logits[:n_rows], cmask, chunk_size=chunk)
-        c_lr, r_lr = logratios[:n_pairs], logratios[n_pairs:n_rows]
+            kl = sequential_kl(ref_logits[:n_rows, :width], logits[:n_rows, :width], cmask, chunk_size=chunk)
+        c_lr, r_lr = logratios[:n_pairs, :width], logratios[n_pairs:n_rows, :width]
         c_mask, r_mask = cmask[:n_pairs], cmask[n_pairs:n_rows]
         c_w, r_w = weights[:n_pairs], weights[n_pairs:n_rows]
         c_kl, r_kl = (kl[:n_pairs], kl[n_pairs:]) if kl is not None else (None, None)
@@ -580,7 +583,9 @@ class TIDPOTrainer(Trainer):
         check_finite("loss", loss.detach().reshape(1), step=step)
 
         metrics.update(
-            self._pair_metrics(chosen_rewards, rejected_rewards, policy_logps, logits, cmask, n_pairs)
+            self._pair_metrics(
+                chosen_rewards, rejected_rewards, policy_logps[:, :width], logits[:, :width], cmask, n_pairs
+            )
         )
         if kl is not None:
             metrics["kl/chosen"] = self._gather_mean(c_kl.sum(1))
