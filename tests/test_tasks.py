@@ -351,7 +351,7 @@ def test_build_sentiment_with_real_smollm2(tmp_path):
     )
     out = tmp_path / "s_pairs.jsonl"
     stats = build_pairs(
-        "sentiment", "smollm2-135m", prompts, samples=3, out=out, max_new_tokens=24, progress=False
+        "sentiment", "smollm2-135m", prompts, samples=3, out=out, max_new_tokens=20, progress=False
     )
     rows = read_pairs(out)
     assert stats["pairs"] == len(rows) == 2 - stats["ties_skipped"]

@@ -96,9 +96,11 @@ def _generation_config(
     else:
         sampling = {"do_sample": False}
     # A fresh config: only what is asked for here applies, not sampling defaults a checkpoint ships.
+    # K is only validated here: sample_completion_ids makes the K copies of each prompt itself, so
+    # generate() always runs with 1 (it also refuses K > 1 for greedy decoding).
     return GenerationConfig(
         max_new_tokens=max_new_tokens,
-        num_return_sequences=num_return_sequences,
+        num_return_sequences=1,
         eos_token_id=eos_token_id,
         pad_token_id=pad_token_id,
         use_cache=True,
@@ -163,19 +165,16 @@ def sample_completion_ids(
         temperature=temperature,
         top_k=top_k,
         top_p=top_p,
-        num_return_sequences=1,
+        num_return_sequences=num_return_sequences,
         eos_token_id=eos_token_id,
         pad_token_id=pad_token_id,
     )
-    if num_return_sequences < 1:
-        raise ValueError(f"num_return_sequences must be >= 1, got {num_return_sequences}")
     device = _model_device(model)
     ids, mask = prompt_input_ids.to(device), prompt_attention_mask.to(device)
     with _eval_mode(model):
         cache = None
         if num_return_sequences > 1:
-            # The K copies of a prompt are made here rather than by generate(), which would run each
-            # prompt K times and refuses K > 1 for greedy decoding.
+            # Copies made here rather than by generate(), which would run the prompt pass K times.
             if _can_share_prefill(model, mask):
                 cache = _shared_prefill(model, ids, mask, num_return_sequences)
             ids = ids.repeat_interleave(num_return_sequences, dim=0)
