@@ -34,6 +34,12 @@ __all__ = [
 # that the Python loop overhead is negligible.
 DEFAULT_CHUNK_SIZE = 1024
 IGNORE_INDEX = -100
+# On CPU the chunk loops are memory-bound: each chunk goes through several elementwise passes, which
+# run about twice as fast when the float32 block stays in cache than when it streams from RAM (KL
+# forward+backward at 1024 x 49k: 1.9 s with one 200 MB block, 0.9 s with 3 MB blocks). So on CPU the
+# rows per block are capped to about this many bytes; ``chunk_size`` stays the upper bound. GPUs keep
+# ``chunk_size`` as given (big blocks keep them busy).
+CPU_BLOCK_BYTES = 4 * 2**20
 
 
 class NonFiniteError(FloatingPointError):
@@ -86,6 +92,15 @@ def _chunks(n_rows: int, rows: Tensor | None, chunk_size: int) -> Iterator[slice
             yield rows[start : start + chunk_size]
 
 
+def _block_rows(chunk_size: int, logits: Tensor) -> int:
+    """Rows per block for ``[N, V]`` logits: ``chunk_size``, capped on CPU to stay cache-sized."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if logits.device.type != "cpu":
+        return chunk_size
+    return max(1, min(chunk_size, CPU_BLOCK_BYTES // (4 * max(1, logits.shape[-1]))))
+
+
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """float32 for half/bf16/float32 logits (softmax sums need it), float64 kept (for gradcheck)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -116,8 +131,10 @@ class _LabelLogprob(torch.autograd.Function):
         grad = torch.zeros_like(logits)
         for sel in _chunks(logits.shape[0], rows, ctx.chunk_size):
             g = grad_out[sel].to(ctx.dtype).unsqueeze(-1)
-            # d/dz (z_label - lse(z)) = onehot(label) - softmax(z)
-            block = -torch.exp(logits[sel].to(ctx.dtype) - lse[sel].unsqueeze(-1)) * g
+            # d/dz (z_label - lse(z)) = onehot(label) - softmax(z). One float32 block per chunk, updated
+            # in place (the subtraction promotes half/bf16 logits to float32 without a separate copy).
+            block = logits[sel] - lse[sel].unsqueeze(-1)
+            block.exp_().mul_(-g)
             block.scatter_add_(-1, labels[sel].unsqueeze(-1), g)
             grad[sel] = block.to(grad.dtype)
         return grad, None, None, None
@@ -135,7 +152,8 @@ def label_logprobs(
     Args:
         logits: ``[..., V]`` in any float dtype.
         labels: ``[...]`` integer token ids; ``-100`` (ignore index) gives 0 and no gradient.
-        chunk_size: number of flattened rows processed at once (float32 per chunk).
+        chunk_size: at most this many flattened rows are processed at once (float32 per chunk; on
+            CPU fewer, see ``CPU_BLOCK_BYTES``).
         mask: optional ``[...]``; rows where it is 0 are skipped (0 output, no compute).
 
     Returns:
@@ -158,7 +176,7 @@ def label_logprobs(
         )
     safe_labels = torch.where(valid, flat_labels, torch.zeros_like(flat_labels))
     rows = None if bool(valid.all()) else valid.nonzero().flatten()
-    out = _LabelLogprob.apply(flat, safe_labels, rows, chunk_size)
+    out = _LabelLogprob.apply(flat, safe_labels, rows, _block_rows(chunk_size, flat))
     out = out.reshape(labels.shape)
     check_finite("label log-probs (logits hold NaN/Inf, or a label has probability 0)", out)
     return out
@@ -210,15 +228,16 @@ class _SequentialKL(torch.autograd.Function):
         lse_pol = torch.zeros(policy.shape[0], dtype=ctx.dtype, device=policy.device)
         lse_ref = torch.zeros(policy.shape[0], dtype=ctx.dtype, device=policy.device)
         for sel in _chunks(policy.shape[0], rows, chunk_size):
-            r = ref[sel].to(ctx.dtype)
-            p = policy[sel].to(ctx.dtype)
-            lr_norm = torch.logsumexp(r, dim=-1, keepdim=True)
-            lp_norm = torch.logsumexp(p, dim=-1, keepdim=True)
-            log_ref = r - lr_norm
-            log_pol = p - lp_norm
-            p_ref = torch.exp(log_ref)
+            r, p = ref[sel], policy[sel]
+            lr_norm = torch.logsumexp(r.to(ctx.dtype), dim=-1, keepdim=True)
+            lp_norm = torch.logsumexp(p.to(ctx.dtype), dim=-1, keepdim=True)
+            # Two float32 blocks per chunk, updated in place: term = log p_ref - log p_theta
+            # = (r - lse_r) - (p - lse_p), then times p_ref.
+            term = r - lr_norm
+            p_ref = term.exp()
+            term.sub_(p).add_(lp_norm).mul_(p_ref)
             # 0 * log 0 = 0: tokens the reference rules out (logit -inf) contribute nothing.
-            term = torch.where(p_ref > 0, p_ref * (log_ref - log_pol), torch.zeros_like(p_ref))
+            term.masked_fill_(p_ref == 0, 0.0)
             out[sel] = term.sum(dim=-1)
             lse_pol[sel] = lp_norm.squeeze(-1)
             lse_ref[sel] = lr_norm.squeeze(-1)
@@ -233,10 +252,10 @@ class _SequentialKL(torch.autograd.Function):
         rows = None if ctx.all_rows else rows
         grad = torch.zeros_like(policy)
         for sel in _chunks(policy.shape[0], rows, ctx.chunk_size):
-            p_ref = torch.exp(ref[sel].to(ctx.dtype) - lse_ref[sel].unsqueeze(-1))
-            p_pol = torch.exp(policy[sel].to(ctx.dtype) - lse_pol[sel].unsqueeze(-1))
-            # d KL / d z_theta = softmax(z_theta) - softmax(z_ref)
-            grad[sel] = ((p_pol - p_ref) * grad_out[sel].to(ctx.dtype).unsqueeze(-1)).to(grad.dtype)
+            # d KL / d z_theta = softmax(z_theta) - softmax(z_ref); two float32 blocks, in place.
+            p_pol = (policy[sel] - lse_pol[sel].unsqueeze(-1)).exp_()
+            p_ref = (ref[sel] - lse_ref[sel].unsqueeze(-1)).exp_()
+            grad[sel] = p_pol.sub_(p_ref).mul_(grad_out[sel].to(ctx.dtype).unsqueeze(-1)).to(grad.dtype)
         return None, grad, None, None
 
 
@@ -284,7 +303,10 @@ def sequential_kl(
         needed[:, :-1] = mask[:, 1:].bool()
     rows = needed.reshape(-1).nonzero().flatten()
     kl = _SequentialKL.apply(
-        ref_logits.detach().reshape(-1, vocab), policy_logits.reshape(-1, vocab), rows, chunk_size
+        ref_logits.detach().reshape(-1, vocab),
+        policy_logits.reshape(-1, vocab),
+        rows,
+        _block_rows(chunk_size, policy_logits),
     )
     out = torch.nn.functional.pad(kl.reshape(bsz, length)[:, :-1], (1, 0))
     check_finite("sequential KL (logits hold NaN/Inf, or the policy rules out a reference token)", out)

@@ -1,0 +1,167 @@
+"""The fast paths of the trainer stay correct: fused attribution in bf16, and lean memory.
+
+Speed itself is measured by ``benchmarks/speed.py`` (ratios side by side in one run), never timed here.
+What is checked here is deterministic: losses, gradients and allocated bytes.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch._C._profiler import _EventType
+from torch.profiler import ProfilerActivity, profile
+
+from tidpo import TIDPOConfig, TIDPOTrainer
+from tidpo.models import tiny_causal_lm
+from tidpo.tokenops import CPU_BLOCK_BYTES
+
+
+def make_config(tmp_path, **overrides) -> TIDPOConfig:
+    base = dict(
+        output_dir=str(tmp_path / "run"),
+        per_device_train_batch_size=4,
+        max_steps=1,
+        learning_rate=1e-2,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        seed=0,
+        anchor_max_new_tokens=6,
+        max_length=64,
+        max_prompt_length=32,
+        disable_tqdm=True,
+    )
+    base.update(overrides)
+    return TIDPOConfig(**base)
+
+
+def perturb(model: torch.nn.Module, seed: int, scale: float = 0.05) -> None:
+    """Move the policy away from its reference copy so losses and attribution are not trivial."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_((scale * torch.randn(p.shape, generator=gen)).to(p.dtype))
+
+
+def first_batch(trainer: TIDPOTrainer) -> dict[str, torch.Tensor]:
+    rows = [trainer.train_dataset[i] for i in range(trainer.args.per_device_train_batch_size)]
+    return trainer._prepare_inputs(trainer.data_collator(rows))
+
+
+def loss_and_grads(trainer: TIDPOTrainer, batch) -> tuple[float, dict[str, torch.Tensor], float]:
+    trainer.model.train()
+    trainer.model.zero_grad()
+    loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
+    grads = {n: p.grad.float().clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    return loss.item(), grads, trainer._metrics["train"]["weights/std"][-1]
+
+
+@pytest.fixture
+def bf16_llama(tiny_tok):
+    return tiny_causal_lm("llama", tokenizer=tiny_tok).to(torch.bfloat16)
+
+
+def test_bf16_model_trains_a_full_ti_dpo_step_with_fused_attribution(
+    tmp_path, tiny_tok, bf16_llama, pairs_dataset
+):
+    # Defaults: KL (alpha 0.5) and triplet (gamma 0.1) on, fused attribution.
+    args = make_config(tmp_path)
+    assert args.attribution_pass == "fused" and args.uses_triplet and args.uses_sequential_kl
+    trainer = TIDPOTrainer(bf16_llama, args=args, train_dataset=pairs_dataset, processing_class=tiny_tok)
+    perturb(trainer.model, seed=4)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    log = next(h for h in trainer.state.log_history if "loss" in h)
+    for key in ("loss", "weights/std", "kl/chosen", "triplet/loss", "rewards/margins"):
+        assert math.isfinite(log[key]), (key, log[key])
+    assert log["weights/std"] > 0  # attribution produced non-uniform weights
+    after = dict(trainer.model.named_parameters())
+    assert all(after[n].dtype == torch.bfloat16 for n in after)
+    assert any(not torch.equal(before[n], after[n].detach()) for n in before), "no parameter changed"
+
+
+def test_bf16_fused_and_separate_attribution_agree(tmp_path, tiny_tok, bf16_llama, pairs_dataset):
+    """Same loss, importance weights and gradients within bf16 tolerance (gamma = 0: no sampling)."""
+    results = {}
+    for attribution_pass in ("fused", "separate"):
+        args = make_config(tmp_path, attribution_pass=attribution_pass, gamma=0.0)
+        trainer = TIDPOTrainer(
+            copy.deepcopy(bf16_llama), args=args, train_dataset=pairs_dataset, processing_class=tiny_tok
+        )
+        perturb(trainer.model, seed=5)
+        results[attribution_pass] = loss_and_grads(trainer, first_batch(trainer))
+    (l_f, g_f, s_f), (l_s, g_s, s_s) = results["fused"], results["separate"]
+    assert math.isfinite(l_f) and l_f != pytest.approx(math.log(2), abs=1e-3)
+    assert l_f == pytest.approx(l_s, rel=2e-2)
+    assert s_f == pytest.approx(s_s, rel=5e-2)
+    assert g_f.keys() == g_s.keys()
+    for name in g_f:
+        # bf16 keeps 8 mantissa bits; the two paths round differently, so compare against the scale of
+        # the whole gradient tensor rather than element by element.
+        diff = (g_f[name] - g_s[name]).norm()
+        assert diff <= 5e-2 * g_s[name].norm() + 1e-6, (name, float(diff), float(g_s[name].norm()))
+
+
+def _peak_bytes(fn) -> int:
+    """Peak bytes of torch CPU tensors alive at once while ``fn`` runs, above the level at its start."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    deltas = []
+
+    def walk(nodes) -> None:
+        for node in nodes:
+            if node.typed[0] == _EventType.Allocation and node.typed[1].device.type == "cpu":
+                deltas.append((node.start_time_ns, node.typed[1].alloc_size))
+            walk(node.children)
+
+    walk(prof.profiler.kineto_results.experimental_event_tree())
+    level = peak = 0
+    for _, size in sorted(deltas):
+        level += size
+        peak = max(peak, level)
+    return peak
+
+
+def test_fused_ti_dpo_step_peak_memory_stays_near_dpo(tmp_path, tiny_tok, pairs_dataset):
+    """With a vocabulary large enough that logits dominate, no step holds extra [B, T, V] float32 copies:
+    DPO holds the policy logits and their gradient (plus cache-sized blocks), the fused TI-DPO step
+    (gamma = 0, alpha = 0) at most 1.15x that, and the sequential KL adds only the reference logits it
+    needs in its backward."""
+    vocab = 8192
+    base = tiny_causal_lm("llama", tokenizer=tiny_tok, vocab_size=vocab, hidden_size=32, num_layers=1)
+    peaks = {}
+    for name, overrides in {
+        "dpo": {"loss_type": "dpo"},
+        "ti_fused": {"gamma": 0.0, "tdpo_alpha": 0.0},
+        "ti_fused_kl": {"gamma": 0.0, "tdpo_alpha": 0.5},
+    }.items():
+        trainer = TIDPOTrainer(
+            copy.deepcopy(base),
+            args=make_config(tmp_path, **overrides),
+            train_dataset=pairs_dataset,
+            processing_class=tiny_tok,
+        )
+        perturb(trainer.model, seed=6, scale=0.02)
+        batch = first_batch(trainer)
+        trainer.model.train()
+
+        def step(trainer=trainer, batch=batch) -> None:
+            trainer.compute_loss(trainer.model, batch).backward()
+
+        step()  # allocations of a first call (lazy inits) are not what is compared
+        trainer.model.zero_grad(set_to_none=True)
+        peaks[name] = _peak_bytes(step)
+        trainer.model.zero_grad(set_to_none=True)
+    logits_bytes = batch["input_ids"].numel() * vocab * 4
+    block = CPU_BLOCK_BYTES  # the chunk kernels' working blocks (a few alive at once)
+    assert logits_bytes > 2 * block  # the logits span several blocks: chunking is exercised
+    # Policy logits + their gradient, and a few blocks; a third full-size float32 tensor would fail this.
+    assert logits_bytes <= peaks["dpo"] <= 2 * logits_bytes + 3 * block, (peaks, logits_bytes)
+    assert peaks["ti_fused"] <= 1.15 * peaks["dpo"], (peaks, logits_bytes)
+    # The KL keeps the reference logits for its backward, and nothing else of full size.
+    assert peaks["ti_fused_kl"] <= peaks["dpo"] + logits_bytes + 2 * block, (peaks, logits_bytes)
