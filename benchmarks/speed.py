@@ -147,8 +147,21 @@ def load_models(args) -> tuple[Any, Any, Any, Any]:
         return policy, ref, tokenizer, None
     from peft import LoraConfig
 
-    tokenizer = load_tokenizer("smollm2-135m")
-    policy = load_causal_lm("smollm2-135m", dtype=torch.float32)
+    if args.arch_dir:
+        # The SmolLM2 architecture with random weights, for machines the 94 MB GGUF cannot reach
+        # (step time and memory depend on the shapes, not on the weights' values).
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        from tidpo.models import ensure_pad_token
+
+        tokenizer = ensure_pad_token(AutoTokenizer.from_pretrained(args.arch_dir))
+        torch.manual_seed(args.seed)
+        policy = AutoModelForCausalLM.from_config(
+            AutoConfig.from_pretrained(args.arch_dir), dtype=torch.float32
+        )
+    else:
+        tokenizer = load_tokenizer("smollm2-135m")
+        policy = load_causal_lm("smollm2-135m", dtype=torch.float32)
     peft_config = None
     if args.lora_r > 0:
         peft_config = LoraConfig(
@@ -159,7 +172,13 @@ def load_models(args) -> tuple[Any, Any, Any, Any]:
             task_type="CAUSAL_LM",
         )
         return policy, None, tokenizer, peft_config
-    return policy, copy.deepcopy(policy), tokenizer, None
+    ref = copy.deepcopy(policy)
+    # Full fine-tuning: move the policy off the reference so the first-batch loss is not log 2.
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.002 * torch.randn(p.shape, generator=gen))
+    return policy, ref, tokenizer, None
 
 
 def _lora_state(model) -> dict[str, torch.Tensor]:
@@ -452,6 +471,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--configs", default=",".join(CONFIGS), help="comma-separated subset of " + ",".join(CONFIGS)
     )
     p.add_argument("--lora-r", type=int, default=16, help="smollm2: LoRA rank (0 = full fine-tuning)")
+    p.add_argument(
+        "--arch-dir",
+        default="",
+        help="smollm2: a folder with config.json + tokenizer: build that architecture with random weights",
+    )
     p.add_argument("--hidden", type=int, default=256, help="tiny: hidden size")
     p.add_argument("--layers", type=int, default=4, help="tiny: number of layers")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (both trainers)")

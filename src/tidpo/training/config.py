@@ -105,7 +105,7 @@ class TIDPOConfig(TrainingArguments):
             step and rows. When True such a batch contributes a zero gradient, is counted in the logs
             (`nonfinite/skipped`) and warned about. The optimizer still steps, so momentum and weight
             decay still move the weights on that step.
-        logits_chunk_size (`int`, defaults to `4096`):
+        logits_chunk_size (`int`, defaults to `1024`):
             Rows of [rows, vocab] logits processed at once by the chunked log-prob and KL kernels; bounds
             the float32 working memory.
     """
@@ -143,7 +143,7 @@ class TIDPOConfig(TrainingArguments):
     )
 
     skip_nonfinite_batches: bool = field(default=False, metadata={"help": "Skip (and count) NaN batches."})
-    logits_chunk_size: int = field(default=4096, metadata={"help": "Rows per chunk of logits kernels."})
+    logits_chunk_size: int = field(default=1024, metadata={"help": "Rows per chunk of logits kernels."})
 
     # Defaults that differ from TrainingArguments, as TRL's DPOConfig does.
     learning_rate: float = field(
