@@ -24,6 +24,7 @@ import yaml
 
 BUILTIN_DATA = {
     "quickstart": "assets/data/quickstart.jsonl",
+    "quickstart-test": "assets/data/quickstart_test.jsonl",
     "sentiment-quickstart": "assets/data/sentiment_quickstart.jsonl",
 }
 
