@@ -194,24 +194,14 @@ def test_lora_with_gradient_checkpointing_fused_matches_separate(
     separate pass, and a short run trains the adapters only."""
     from peft import LoraConfig
 
-    from tidpo import TIDPOConfig, TIDPOTrainer
+    from tidpo import TIDPOTrainer
+    from tiny_setup import make_config
 
     results = {}
     for attribution_pass in ("fused", "separate"):
-        args = TIDPOConfig(
-            output_dir=str(tmp_path / attribution_pass),
-            per_device_train_batch_size=4,
-            max_steps=2,
-            learning_rate=1e-2,
-            logging_steps=1,
-            save_strategy="no",
-            report_to="none",
-            use_cpu=True,
-            seed=0,
+        args = make_config(
+            tmp_path / attribution_pass,
             gamma=0.0,
-            max_length=64,
-            max_prompt_length=32,
-            disable_tqdm=True,
             gradient_checkpointing=True,
             attribution_pass=attribution_pass,
         )

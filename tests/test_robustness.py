@@ -39,6 +39,7 @@ from tidpo.training.checkpointing import (
     last_complete_checkpoint,
     remove_stale_staging,
 )
+from tiny_setup import make_config as tiny_config
 
 HELPERS = Path(__file__).parent / "helpers"
 # Full TI-DPO (attribution weights, sequential KL, policy-sampled anchors): every source of randomness
@@ -165,23 +166,8 @@ def test_commit_is_atomic_replaces_and_skips_incomplete_folders(tmp_path):
 
 
 def make_config(tmp_path: Path, **overrides) -> TIDPOConfig:
-    base = dict(
-        output_dir=str(tmp_path / "run"),
-        per_device_train_batch_size=2,
-        max_steps=3,
-        learning_rate=1e-2,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        seed=0,
-        anchor_max_new_tokens=4,
-        max_length=48,
-        max_prompt_length=24,
-        disable_tqdm=True,
-    )
-    base.update(overrides)
-    return TIDPOConfig(**base)
+    small = {"per_device_train_batch_size": 2, "max_steps": 3, "anchor_max_new_tokens": 4}
+    return tiny_config(tmp_path, **{**small, "max_length": 48, "max_prompt_length": 24, **overrides})
 
 
 def test_rotation_with_save_total_limit_keeps_only_complete_checkpoints(tmp_path, tiny_tok, pairs_dataset):

@@ -17,26 +17,11 @@ from torch.profiler import ProfilerActivity, profile
 from tidpo import TIDPOConfig, TIDPOTrainer
 from tidpo.models import tiny_causal_lm
 from tidpo.tokenops import CPU_BLOCK_BYTES
+from tiny_setup import make_config as tiny_config
 
 
 def make_config(tmp_path, **overrides) -> TIDPOConfig:
-    base = dict(
-        output_dir=str(tmp_path / "run"),
-        per_device_train_batch_size=4,
-        max_steps=1,
-        learning_rate=1e-2,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        seed=0,
-        anchor_max_new_tokens=6,
-        max_length=64,
-        max_prompt_length=32,
-        disable_tqdm=True,
-    )
-    base.update(overrides)
-    return TIDPOConfig(**base)
+    return tiny_config(tmp_path, **{"max_steps": 1, **overrides})
 
 
 def perturb(model: torch.nn.Module, seed: int, scale: float = 0.05) -> None:

@@ -12,6 +12,7 @@ from transformers import TrainerCallback
 
 from tidpo import TIDPOConfig, TIDPOTrainer
 from tidpo.models import tiny_causal_lm
+from tiny_setup import make_config
 
 TRAIN_KEYS = (
     "loss",
@@ -24,27 +25,6 @@ TRAIN_KEYS = (
     "logits/chosen",
     "logits/rejected",
 )
-
-
-def make_config(tmp_path, **overrides) -> TIDPOConfig:
-    base = dict(
-        output_dir=str(tmp_path / "run"),
-        per_device_train_batch_size=4,
-        per_device_eval_batch_size=4,
-        max_steps=2,
-        learning_rate=1e-2,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        seed=0,
-        anchor_max_new_tokens=6,
-        max_length=64,
-        max_prompt_length=32,
-        disable_tqdm=True,
-    )
-    base.update(overrides)
-    return TIDPOConfig(**base)
 
 
 def params_snapshot(model):

@@ -30,18 +30,20 @@ __all__ = ["Prompt", "generate", "render_prompt", "sample_completion_ids"]
 
 
 @contextlib.contextmanager
-def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
-    """Dropout off while sampling; the caller's train/eval mode is restored even on error."""
-    was_training = model.training
-    model.eval()
+def eval_mode(*models: torch.nn.Module | None) -> Iterator[None]:
+    """Dropout off while sampling; each model's train/eval mode is restored even on error."""
+    modes = [(m, m.training) for m in models if m is not None]
+    for m, _ in modes:
+        m.eval()
     try:
         yield
     finally:
-        model.train(was_training)
+        for m, was_training in modes:
+            m.train(was_training)
 
 
 @contextlib.contextmanager
-def _seeded(seed: int | None, device: torch.device) -> Iterator[None]:
+def seeded(seed: int | None, device: torch.device) -> Iterator[None]:
     """Seed torch's RNG for the block only, so sampling is reproducible without side effects."""
     if seed is None:
         yield
@@ -56,7 +58,7 @@ def _seeded(seed: int | None, device: torch.device) -> Iterator[None]:
         yield
 
 
-def _model_device(model: torch.nn.Module) -> torch.device:
+def model_device(model: torch.nn.Module) -> torch.device:
     try:
         return next(model.parameters()).device
     except StopIteration:  # a parameterless module: nothing to move inputs to
@@ -169,9 +171,9 @@ def sample_completion_ids(
         eos_token_id=eos_token_id,
         pad_token_id=pad_token_id,
     )
-    device = _model_device(model)
+    device = model_device(model)
     ids, mask = prompt_input_ids.to(device), prompt_attention_mask.to(device)
-    with _eval_mode(model):
+    with eval_mode(model):
         cache = None
         if num_return_sequences > 1:
             # Copies made here rather than by generate(), which would run the prompt pass K times.
@@ -309,7 +311,7 @@ def generate(
     # up on the first batch rather than the last.
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     batches = [order[i : i + per_batch] for i in range(0, len(order), per_batch)]
-    device = _model_device(model)
+    device = model_device(model)
     eos_ids = _eos_ids(model, tokenizer)
     results: list[list[str]] = [[] for _ in prompts]
     iterator: Any = batches
@@ -320,7 +322,7 @@ def generate(
     old_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
-        with _seeded(seed, device):
+        with seeded(seed, device):
             for batch in iterator:
                 enc = tokenizer.pad({"input_ids": [encoded[i] for i in batch]}, return_tensors="pt")
                 new_ids = sample_completion_ids(

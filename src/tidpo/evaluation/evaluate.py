@@ -28,6 +28,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from tidpo.generation import eval_mode, model_device, seeded
+
 __all__ = [
     "evaluate",
     "format_table",
@@ -136,37 +138,6 @@ def _reference(policy: torch.nn.Module, reference: torch.nn.Module | None) -> It
         yield policy
 
 
-@contextlib.contextmanager
-def _eval_mode(*models: torch.nn.Module | None) -> Iterator[None]:
-    modes = [(m, m.training) for m in models if m is not None]
-    for m, _ in modes:
-        m.eval()
-    try:
-        yield
-    finally:
-        for m, was in modes:
-            m.train(was)
-
-
-@contextlib.contextmanager
-def _seeded(seed: int | None, device: torch.device) -> Iterator[None]:
-    # Same seed for policy and reference sampling, without disturbing the caller's RNG state.
-    if seed is None:
-        yield
-        return
-    devices = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield
-
-
-def _device(model: torch.nn.Module) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
-
-
 def _eos_ids(model: torch.nn.Module, tokenizer: Any) -> list[int]:
     ids: list[int] = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
@@ -222,7 +193,7 @@ def _sample(
     from tidpo.generation import sample_completion_ids
 
     out = []
-    with _seeded(seed, _device(model)):
+    with seeded(seed, model_device(model)):
         for batch in batches:
             out.append(
                 sample_completion_ids(
@@ -312,10 +283,10 @@ def evaluate(
             f"(pairs: {len(dataset)}, num_prompts: {num_prompts})"
         )
     collate = PreferenceCollator(pad_token_id=tokenizer.pad_token_id)
-    device = _device(policy)
+    device = model_device(policy)
     results: dict[str, Any] = {}
 
-    with torch.no_grad(), _eval_mode(policy, reference):
+    with torch.no_grad(), eval_mode(policy, reference):
         # ---- implicit rewards on the pairs
         chosen_r: list[float] = []
         rejected_r: list[float] = []

@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from tidpo.generation import model_device
+
 __all__ = [
     "TokenImportance",
     "explain",
@@ -76,13 +78,6 @@ class TokenImportance:
 
 
 # --------------------------------------------------------------------------- computing
-
-
-def _model_device(model: torch.nn.Module) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
 
 
 def _decode_pieces(tokenizer: Any, context_ids: list[int], ids: list[int]) -> list[str]:
@@ -173,7 +168,7 @@ def explain(
     if not response_ids:
         raise ValueError(f"explain: the response {response!r} encodes to zero tokens")
     ids = list(prompt_ids) + list(response_ids)
-    device = _model_device(model)
+    device = model_device(model)
     input_ids = torch.tensor([ids], dtype=torch.long, device=device)
     attention_mask = torch.ones_like(input_ids)
     span_mask = torch.zeros_like(input_ids)

@@ -1,0 +1,29 @@
+"""The training arguments every tiny-model test starts from (imported by the test modules)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tidpo import TIDPOConfig
+
+
+def make_config(tmp_path: Path, **overrides) -> TIDPOConfig:
+    """A CPU config sized for tiny models: 2 steps of 4 pairs, short anchors, nothing saved."""
+    base = dict(
+        output_dir=str(tmp_path / "run"),
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=4,
+        max_steps=2,
+        learning_rate=1e-2,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        seed=0,
+        anchor_max_new_tokens=6,
+        max_length=64,
+        max_prompt_length=32,
+        disable_tqdm=True,
+    )
+    base.update(overrides)
+    return TIDPOConfig(**base)
