@@ -354,11 +354,19 @@ def train(argv: list[str]) -> int:
     result = trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_model(config.output_dir)
     trainer.save_state()
-    eval_metrics = trainer.evaluate() if eval_raw is not None else {}
+    eval_metrics = _final_eval(trainer) if eval_raw is not None else {}
     if trainer.is_world_process_zero():
         _write_run_files(config, script, result.metrics, eval_metrics)
         _print_summary(trainer, config, result.metrics, eval_metrics)
     return 0
+
+
+def _final_eval(trainer) -> dict:
+    """Eval metrics of the final model: the last periodic eval when it ran at the final step."""
+    evals = [h for h in trainer.state.log_history if "eval_loss" in h]
+    if evals and evals[-1].get("step") == trainer.state.global_step:
+        return {k: v for k, v in evals[-1].items() if k.startswith("eval_")}
+    return trainer.evaluate()
 
 
 def _write_run_files(config, script: ScriptArguments, train_metrics: dict, eval_metrics: dict) -> None:
@@ -373,7 +381,7 @@ def _print_summary(trainer, config, train_metrics: dict, eval_metrics: dict) -> 
     history = [h for h in trainer.state.log_history if "loss" in h]
     last = history[-1] if history else {}
     lines = ["", "=" * 64, "tidpo train: done"]
-    lines.append(f"  steps                 {trainer.state.global_step}")
+    lines.append(f"  steps                     {trainer.state.global_step}")
     for key in (
         "loss",
         "rewards/accuracies",
@@ -383,17 +391,17 @@ def _print_summary(trainer, config, train_metrics: dict, eval_metrics: dict) -> 
         "kl/chosen",
     ):
         if key in last:
-            lines.append(f"  {key:<22}{last[key]:.4f}   (last logged step {last.get('step')})")
+            lines.append(f"  {key:<26}{last[key]:.4f}   (last logged step {last.get('step')})")
     if "train_runtime" in train_metrics:
-        lines.append(f"  runtime               {train_metrics['train_runtime']:.1f} s")
+        lines.append(f"  runtime                   {train_metrics['train_runtime']:.1f} s")
     for key in ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins"):
         if key in eval_metrics:
-            lines.append(f"  {key:<22}{eval_metrics[key]:.4f}")
+            lines.append(f"  {key:<26}{eval_metrics[key]:.4f}")
     out = Path(config.output_dir).resolve()
-    lines.append(f"  model saved in        {out}")
-    lines.append(f"  run folder            {out}  (metrics.json, trainer_state.json, checkpoints)")
+    lines.append(f"  model saved in            {out}")
+    lines.append(f"  run folder                {out}  (metrics.json, trainer_state.json, checkpoints)")
     if (out / "report.html").exists():
-        lines.append(f"  report                {out / 'report.html'}")
+        lines.append(f"  report                    {out / 'report.html'}")
     lines.append("=" * 64)
     print("\n".join(lines), flush=True)
 
