@@ -23,12 +23,13 @@ from tidpo.data.formats import (
     validate_preference_rows,
 )
 from tidpo.data.loading import SUPPORTED_EXTENSIONS, load_preference_dataset
-from tidpo.data.pipeline import prepare_preference_dataset
+from tidpo.data.pipeline import ROW_ID_COLUMN, prepare_preference_dataset
 from tidpo.data.tokenize import OUTPUT_COLUMNS, tokenize_preference_dataset
 
 __all__ = [
     "CONVERSATIONAL",
     "OUTPUT_COLUMNS",
+    "ROW_ID_COLUMN",
     "STANDARD",
     "SUPPORTED_EXTENSIONS",
     "PreferenceCollator",

@@ -28,10 +28,7 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback
 from transformers.trainer_utils import set_seed
 
-from tidpo.data import PreferenceCollator, load_preference_dataset, validate_preference_rows
-from tidpo.data.formats import check_columns
-from tidpo.data.loading import source_name
-from tidpo.data.tokenize import _tokenize_validated
+from tidpo.data import ROW_ID_COLUMN, PreferenceCollator, prepare_preference_dataset
 from tidpo.generation import sample_completion_ids
 from tidpo.importance import attribution_from_targets, importance_weights
 from tidpo.losses import dpo_loss, ipo_loss, simpo_loss, triplet_terms, weighted_preference_loss
@@ -48,11 +45,6 @@ from tidpo.training.distributed import (
     separate_attribution,
     unwrapped_for_generation,
 )
-
-# A column added to the user's data before validation: each row's 0-based index in the data as given
-# (before identical or overlong rows are dropped), carried into batches as `row_ids` so a NaN/Inf
-# message names the data rows, not just positions inside the batch.
-ROW_ID_COLUMN = "tidpo_row_id"
 
 
 def _is_peft_model(model: nn.Module) -> bool:
@@ -264,17 +256,14 @@ class TIDPOTrainer(Trainer):
     def _prepare(dataset: Dataset | str, tokenizer: PreTrainedTokenizerBase, args: TIDPOConfig) -> Dataset:
         if isinstance(dataset, Dataset) and "chosen_input_ids" in dataset.column_names:
             return dataset
-        # The steps of tidpo.data.prepare_preference_dataset, with the row-id column added once the
-        # columns are known to be right (so a column error lists only the user's columns) and before
-        # any row is dropped (so the ids are row numbers of the user's data).
-        source = source_name(dataset)
-        raw = load_preference_dataset(dataset)
-        check_columns(raw.column_names, source)
-        if ROW_ID_COLUMN not in raw.column_names:
-            raw = raw.add_column(ROW_ID_COLUMN, list(range(len(raw))))
-        raw = validate_preference_rows(raw, source=source, drop_identical=args.drop_identical)
-        return _tokenize_validated(
-            raw, tokenizer, args.max_length, args.max_prompt_length, args.drop_overlong, source
+        return prepare_preference_dataset(
+            dataset,
+            tokenizer,
+            max_length=args.max_length,
+            max_prompt_length=args.max_prompt_length,
+            drop_identical=args.drop_identical,
+            drop_overlong=args.drop_overlong,
+            row_ids=True,
         )
 
     @torch.no_grad()
