@@ -296,16 +296,20 @@ def train(argv: list[str]) -> int:
 
             # 4-bit weights are quantised on load, onto this process's GPU (one whole copy per rank).
             model_kwargs["device_map"] = {"": PartialState().local_process_index}
-    model = load_causal_lm(script.model, **model_kwargs)
     tokenizer = load_tokenizer(script.model)
+
+    def prepared(name: str, split: str):
+        # A local file goes by path, so data errors name the file rather than "<dataset>".
+        source = resolve_data(name)
+        data = source if Path(source).is_file() else load_preference_dataset(source, split=split)
+        return TIDPOTrainer.prepare_dataset(data, tokenizer, config)
+
+    # Data before weights: a bad row fails in seconds, not after the model has loaded.
+    train_data = prepared(script.train_data, script.train_split)
+    eval_data = prepared(script.eval_data, script.eval_split) if script.eval_data else None
+    model = load_causal_lm(script.model, **model_kwargs)
     ref_model = load_causal_lm(script.ref_model, **model_kwargs) if script.ref_model else None
-    train_raw = load_preference_dataset(resolve_data(script.train_data), split=script.train_split)
-    eval_raw = (
-        load_preference_dataset(resolve_data(script.eval_data), split=script.eval_split)
-        if script.eval_data
-        else None
-    )
-    if eval_raw is not None and config.eval_strategy == "no":
+    if eval_data is not None and config.eval_strategy == "no":
         config.eval_strategy = "steps"
         config.eval_steps = config.eval_steps or config.logging_steps
 
@@ -313,7 +317,7 @@ def train(argv: list[str]) -> int:
     if script.report:
         from tidpo.report import ReportCallback
 
-        pairs = [train_raw[i] for i in range(min(script.report_pairs, len(train_raw)))]
+        pairs = [train_data[i] for i in range(min(script.report_pairs, len(train_data)))]
         callbacks.append(
             ReportCallback(
                 pairs=pairs,
@@ -323,15 +327,12 @@ def train(argv: list[str]) -> int:
             )
         )
 
-    # A local file goes to the trainer by path, so data errors name the file rather than "<dataset>".
-    train_source = resolve_data(script.train_data)
-    eval_source = resolve_data(script.eval_data) if script.eval_data else None
     trainer = TIDPOTrainer(
         model=model,
         ref_model=ref_model,
         args=config,
-        train_dataset=train_source if Path(train_source).is_file() else train_raw,
-        eval_dataset=eval_source if eval_source and Path(eval_source).is_file() else eval_raw,
+        train_dataset=train_data,
+        eval_dataset=eval_data,
         processing_class=tokenizer,
         peft_config=_peft_config(script),
         callbacks=callbacks,
@@ -354,7 +355,7 @@ def train(argv: list[str]) -> int:
     result = trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_model(config.output_dir)
     trainer.save_state()
-    eval_metrics = _final_eval(trainer) if eval_raw is not None else {}
+    eval_metrics = _final_eval(trainer) if eval_data is not None else {}
     if trainer.is_world_process_zero():
         _write_run_files(config, script, result.metrics, eval_metrics)
         _print_summary(trainer, config, result.metrics, eval_metrics)

@@ -203,11 +203,13 @@ class TIDPOTrainer(Trainer):
                 _disable_dropout(ref_model)
 
         with args.main_process_first(desc="tokenising the preference data"):
-            train_dataset = self._prepare(train_dataset, processing_class, args)
+            train_dataset = self.prepare_dataset(train_dataset, processing_class, args)
             if isinstance(eval_dataset, dict):
-                eval_dataset = {k: self._prepare(v, processing_class, args) for k, v in eval_dataset.items()}
+                eval_dataset = {
+                    k: self.prepare_dataset(v, processing_class, args) for k, v in eval_dataset.items()
+                }
             elif eval_dataset is not None:
-                eval_dataset = self._prepare(eval_dataset, processing_class, args)
+                eval_dataset = self.prepare_dataset(eval_dataset, processing_class, args)
 
         super().__init__(
             model=model,
@@ -253,7 +255,10 @@ class TIDPOTrainer(Trainer):
     # ------------------------------------------------------------------ data
 
     @staticmethod
-    def _prepare(dataset: Dataset | str, tokenizer: PreTrainedTokenizerBase, args: TIDPOConfig) -> Dataset:
+    def prepare_dataset(
+        dataset: Dataset | str, tokenizer: PreTrainedTokenizerBase, args: TIDPOConfig
+    ) -> Dataset:
+        """Validate and tokenise preference data as the trainer does (already tokenised data passes)."""
         if isinstance(dataset, Dataset) and "chosen_input_ids" in dataset.column_names:
             return dataset
         return prepare_preference_dataset(
