@@ -81,7 +81,9 @@ def noise_table(results: list[dict]) -> str:
         cells = []
         for noise in levels:
             runs = grouped(results, "instructions", noise).get(method, [])
-            cells.append(mean_sd([r["eval"]["judge/mean"] for r in runs]))
+            cells.append(
+                f"{mean_sd([r['eval']['judge/mean'] for r in runs])} (n={len(runs)})" if runs else "–"
+            )
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
