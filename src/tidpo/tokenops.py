@@ -43,7 +43,15 @@ CPU_BLOCK_BYTES = 4 * 2**20
 
 
 class NonFiniteError(FloatingPointError):
-    """A tensor that must be finite holds NaN or Inf (the run is broken; never hidden, spec §10)."""
+    """A tensor that must be finite holds NaN or Inf (the run is broken; never hidden, spec §10).
+
+    ``batch_rows`` lists the offending positions along the checked tensor's first dimension (None for a
+    scalar), so callers can map them to data rows without parsing the message.
+    """
+
+    def __init__(self, message: str, batch_rows: list[int] | None = None):
+        super().__init__(message)
+        self.batch_rows = batch_rows
 
 
 def check_finite(name: str, tensor: Tensor, *, rows: Tensor | None = None, step: int | None = None) -> None:
@@ -66,6 +74,7 @@ def check_finite(name: str, tensor: Tensor, *, rows: Tensor | None = None, step:
     n_nan = int(torch.isnan(tensor).sum())
     n_inf = int(torch.isinf(tensor).sum())
     parts = [f"{name} contains non-finite values ({n_nan} NaN, {n_inf} Inf"]
+    bad = None
     if tensor.dim() == 0:
         parts.append(")")
     else:
@@ -77,7 +86,7 @@ def check_finite(name: str, tensor: Tensor, *, rows: Tensor | None = None, step:
     if step is not None:
         parts.append(f" at step {step}")
     parts.append(f"; shape {tuple(tensor.shape)}, dtype {tensor.dtype}.")
-    raise NonFiniteError("".join(parts))
+    raise NonFiniteError("".join(parts), batch_rows=bad)
 
 
 def _chunks(n_rows: int, rows: Tensor | None, chunk_size: int) -> Iterator[slice | Tensor]:

@@ -17,7 +17,6 @@ models, batches and metrics around it.
 
 from __future__ import annotations
 
-import re
 import warnings
 from collections import defaultdict
 from typing import Any
@@ -89,14 +88,11 @@ def _repeat_rows(pair_ids: torch.Tensor | None, n_rows: int) -> torch.Tensor | N
     return None if pair_ids is None else pair_ids.repeat(n_rows // pair_ids.numel())
 
 
-_BATCH_ROWS = re.compile(r"in batch rows \[([\d, ]*)\]")
-
-
 def _nonfinite_in_context(err: NonFiniteError, step: int, pair_ids: torch.Tensor | None) -> NonFiniteError:
     """Add the training step and the data rows to a NaN/Inf error raised inside the maths.
 
-    The guards of `tidpo.tokenops` / `importance` / `losses` name positions in the tensor they check
-    ("batch rows [5]"), not the step or the data. Every such tensor stacks blocks of B pairs (chosen,
+    The guards of `tidpo.tokenops` / `importance` / `losses` report positions in the tensor they check
+    (``err.batch_rows``), not the step or the data. Every such tensor stacks blocks of B pairs (chosen,
     rejected, anchors), so batch row r belongs to pair r % B, whose data row is ``pair_ids[r % B]``.
     """
     message = str(err)
@@ -105,15 +101,14 @@ def _nonfinite_in_context(err: NonFiniteError, step: int, pair_ids: torch.Tensor
         extra.append(f"at step {step} (0-based optimizer step)")
     if pair_ids is not None and "row ids" not in message:
         n_pairs = pair_ids.numel()
-        match = _BATCH_ROWS.search(message)
-        if match and match.group(1).strip():
-            pairs = sorted({int(r) % n_pairs for r in match.group(1).split(",")})
+        if err.batch_rows:
+            pairs = sorted({r % n_pairs for r in err.batch_rows})
             extra.append(f"row ids {[int(pair_ids[p]) for p in pairs]} (0-based rows of the data)")
         else:
             extra.append(f"the batch held row ids {pair_ids.tolist()} (0-based rows of the data)")
     if not extra:
         return err
-    return NonFiniteError(f"{message.rstrip('.')} -- {'; '.join(extra)}.")
+    return NonFiniteError(f"{message.rstrip('.')} -- {'; '.join(extra)}.", batch_rows=err.batch_rows)
 
 
 def _disable_dropout(model: nn.Module) -> None:
