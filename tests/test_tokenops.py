@@ -14,6 +14,7 @@ from tidpo.tokenops import (
     NonFiniteError,
     check_finite,
     label_logprobs,
+    logprobs_and_kl,
     pack_to_response_start,
     sequential_kl,
     token_logprobs,
@@ -193,6 +194,64 @@ def test_sequential_kl_nan_raises(batch):
         sequential_kl(ref_logits, pol)
 
 
+@pytest.mark.parametrize("chunk", CHUNKS)
+def test_logprobs_and_kl_equals_the_three_separate_ops(batch, chunk):
+    # Values and gradients of the fused kernel == token_logprobs (policy, ref) + sequential_kl, with a
+    # mask and an upstream gradient on both differentiable outputs.
+    logits, ids, ref_logits = batch
+    mask = torch.tensor([[0, 0, 1, 1, 1], [0, 1, 1, 0, 0], [0, 0, 0, 0, 1]])
+    fused_in = logits.clone().requires_grad_(True)
+    sep_in = logits.clone().requires_grad_(True)
+    pol, ref, kl = logprobs_and_kl(fused_in, ref_logits, ids, mask, chunk_size=chunk)
+    pol_s = token_logprobs(sep_in, ids, mask=mask)
+    ref_s = token_logprobs(ref_logits, ids, mask=mask)
+    kl_s = sequential_kl(ref_logits, sep_in, mask)
+    for got, want in ((pol, pol_s), (ref, ref_s), (kl, kl_s)):
+        torch.testing.assert_close(got, want * mask, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(pol.double(), naive_token_logprobs(logits, ids) * mask, atol=1e-5, rtol=1e-5)
+    assert not ref.requires_grad
+    gen = torch.Generator().manual_seed(3)
+    up_lp, up_kl = torch.randn(3, 5, generator=gen), torch.randn(3, 5, generator=gen)
+    ((pol * up_lp).sum() + 0.5 * (kl * up_kl).sum()).backward()
+    ((pol_s * up_lp).sum() + 0.5 * (kl_s * up_kl).sum()).backward()
+    torch.testing.assert_close(fused_in.grad, sep_in.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_logprobs_and_kl_hand_computed_and_gradcheck():
+    # Position 1 of the hand example of test_sequential_kl_hand_computed, with token 1 as the label:
+    # log p_theta(1) = log 3/4, log p_ref(1) = log 1/2.
+    ref = torch.tensor([[[0.0, 0.0], [1.0, 2.0]]])
+    pol = torch.tensor([[[0.0, math.log(3.0)], [0.0, 0.0]]])
+    ids = torch.tensor([[0, 1]])
+    lp, rp, kl = logprobs_and_kl(pol, ref, ids)
+    torch.testing.assert_close(lp, torch.tensor([[0.0, math.log(0.75)]]))
+    torch.testing.assert_close(rp, torch.tensor([[0.0, math.log(0.5)]]))
+    torch.testing.assert_close(kl, torch.tensor([[0.0, 0.5 * math.log(2.0) + 0.5 * math.log(2.0 / 3.0)]]))
+    gen = torch.Generator().manual_seed(4)
+    ref64 = torch.randn(2, 3, 4, generator=gen, dtype=torch.float64)
+    pol64 = torch.randn(2, 3, 4, generator=gen, dtype=torch.float64).requires_grad_(True)
+    ids = torch.randint(0, 4, (2, 3), generator=gen)
+    m = torch.tensor([[0, 1, 1], [0, 0, 1]])
+
+    def both(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = logprobs_and_kl(x, ref64, ids, m, chunk_size=1)
+        return out[0], out[2]
+
+    assert torch.autograd.gradcheck(both, (pol64,))
+
+
+def test_logprobs_and_kl_rejects_bad_input(batch):
+    logits, ids, ref_logits = batch
+    with pytest.raises(ValueError, match="equal"):
+        logprobs_and_kl(logits, ref_logits[:, :4], ids)
+    with pytest.raises(ValueError, match="outside"):
+        logprobs_and_kl(logits, ref_logits, ids + 100)
+    pol = logits.clone()
+    pol[1, 2, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"batch rows \[1\]"):
+        logprobs_and_kl(pol, ref_logits, ids)
+
+
 # ----------------------------------------------------------------------------- check_finite
 
 
@@ -284,9 +343,10 @@ def test_chunked_ops_save_no_float32_vocab_copy():
     logits = torch.randn(2, 8, 1000, dtype=torch.bfloat16, requires_grad=True)
     ref = torch.randn(2, 8, 1000, dtype=torch.bfloat16)
     ids = torch.randint(0, 1000, (2, 8))
-    budget = logits.numel() * 2 * 2 + 16 * 3 * 8  # the (bf16) logits themselves + a few per-row values
+    budget = logits.numel() * 2 * 2 + 16 * 4 * 8  # the (bf16) logits themselves + a few per-row values
     assert _saved_bytes(lambda: token_logprobs(logits, ids, chunk_size=4)) <= budget
     assert _saved_bytes(lambda: sequential_kl(ref, logits, chunk_size=4)) <= budget
+    assert _saved_bytes(lambda: logprobs_and_kl(logits, ref, ids, chunk_size=4)) <= budget
     # the naive float32 log-softmax would save at least one [B, T, V] float32 tensor
     naive = _saved_bytes(lambda: torch.log_softmax(logits.float(), -1).gather(-1, ids[..., None]))
     assert naive >= logits.numel() * 4

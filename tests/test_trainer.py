@@ -131,16 +131,22 @@ def test_uniform_ti_dpo_equals_dpo_on_a_batch(tmp_path, tiny_tok, tiny_llama, pa
     assert losses["dpo"] != pytest.approx(math.log(2), rel=1e-3)
 
 
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_fused_and_separate_attribution_agree(tmp_path, tiny_tok, tiny_llama, pairs_dataset, checkpointing):
+@pytest.mark.parametrize(
+    ("checkpointing", "full"), [(False, False), (True, False), (False, True), (True, True)]
+)
+def test_fused_and_separate_attribution_agree(
+    tmp_path, tiny_tok, tiny_llama, pairs_dataset, checkpointing, full
+):
     """The fused attribution (one backward on the training forward) gives the separate pass's loss and
-    parameter gradients, with and without gradient checkpointing."""
+    parameter gradients, with and without gradient checkpointing. With ``full`` (KL + triplet) the two
+    also take the two anchor layouts: own forward (fused) and joined to the pairs' forward (separate)."""
     results = {}
     for attribution_pass in ("fused", "separate"):
         args = make_config(
             tmp_path,
             attribution_pass=attribution_pass,
-            gamma=0.0,
+            gamma=0.1 if full else 0.0,
+            tdpo_alpha=0.5 if full else 0.0,
             gradient_checkpointing=checkpointing,
         )
         model = copy.deepcopy(tiny_llama)
@@ -158,6 +164,9 @@ def test_fused_and_separate_attribution_agree(tmp_path, tiny_tok, tiny_llama, pa
         loss.backward()
         grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
         results[attribution_pass] = (loss.item(), grads, trainer._metrics["train"]["weights/std"][-1])
+        if full:  # the triplet term is live (not a zero hinge), so the anchors' path is compared too
+            assert trainer._metrics["train"]["triplet/loss"][-1] > 0
+            assert trainer._metrics["train"]["kl/rejected"][-1] > 0
     (l_f, g_f, s_f), (l_s, g_s, s_s) = results["fused"], results["separate"]
     assert l_f == pytest.approx(l_s, rel=1e-5)
     assert s_f == pytest.approx(s_s, rel=1e-4)

@@ -25,6 +25,7 @@ __all__ = [
     "NonFiniteError",
     "check_finite",
     "label_logprobs",
+    "logprobs_and_kl",
     "pack_to_response_start",
     "sequential_kl",
     "token_logprobs",
@@ -227,19 +228,28 @@ def token_logprobs(
     return torch.nn.functional.pad(next_token[:, :-1], (1, 0))
 
 
-class _SequentialKL(torch.autograd.Function):
-    """KL(softmax(ref) || softmax(policy)) per row of ``[N, V]`` tensors, chunked; grad to policy only."""
+class _LogprobsAndKL(torch.autograd.Function):
+    """Per row of ``[N, V]`` policy and reference logits, in one pass over the vocabulary:
+    ``log softmax(policy)[label]``, ``log softmax(ref)[label]`` and ``KL(softmax(ref) || softmax(policy))``.
+
+    One kernel instead of three (policy log-probs, reference log-probs, KL) because each is
+    memory-bound: fused, the two log-normalisers are computed once and the backward writes one
+    gradient block instead of two that autograd would then add. Gradient to the policy only.
+    """
 
     @staticmethod
-    def forward(ctx, ref: Tensor, policy: Tensor, rows: Tensor | None, chunk_size: int) -> Tensor:  # type: ignore[override]
+    def forward(ctx, policy: Tensor, ref: Tensor, labels: Tensor, rows: Tensor | None, chunk_size: int):  # type: ignore[override]
         ctx.dtype = _compute_dtype(policy.dtype)
-        out = torch.zeros(policy.shape[0], dtype=ctx.dtype, device=policy.device)
-        lse_pol = torch.zeros(policy.shape[0], dtype=ctx.dtype, device=policy.device)
-        lse_ref = torch.zeros(policy.shape[0], dtype=ctx.dtype, device=policy.device)
-        for sel in _chunks(policy.shape[0], rows, chunk_size):
-            r, p = ref[sel], policy[sel]
+        n = policy.shape[0]
+        pol_lp, ref_lp, kl, lse_pol, lse_ref = (
+            torch.zeros(n, dtype=ctx.dtype, device=policy.device) for _ in range(5)
+        )
+        for sel in _chunks(n, rows, chunk_size):
+            r, p, lab = ref[sel], policy[sel], labels[sel].unsqueeze(-1)
             lr_norm = torch.logsumexp(r.to(ctx.dtype), dim=-1, keepdim=True)
             lp_norm = torch.logsumexp(p.to(ctx.dtype), dim=-1, keepdim=True)
+            pol_lp[sel] = (p.gather(-1, lab).to(ctx.dtype) - lp_norm).squeeze(-1)
+            ref_lp[sel] = (r.gather(-1, lab).to(ctx.dtype) - lr_norm).squeeze(-1)
             # Two float32 blocks per chunk, updated in place: term = log p_ref - log p_theta
             # = (r - lse_r) - (p - lse_p), then times p_ref.
             term = r - lr_norm
@@ -247,25 +257,99 @@ class _SequentialKL(torch.autograd.Function):
             term.sub_(p).add_(lp_norm).mul_(p_ref)
             # 0 * log 0 = 0: tokens the reference rules out (logit -inf) contribute nothing.
             term.masked_fill_(p_ref == 0, 0.0)
-            out[sel] = term.sum(dim=-1)
+            kl[sel] = term.sum(dim=-1)
             lse_pol[sel] = lp_norm.squeeze(-1)
             lse_ref[sel] = lr_norm.squeeze(-1)
-        ctx.save_for_backward(ref, policy, lse_ref, lse_pol, rows if rows is not None else torch.empty(0))
+        ctx.save_for_backward(
+            policy, ref, labels, lse_pol, lse_ref, rows if rows is not None else torch.empty(0)
+        )
         ctx.all_rows = rows is None
         ctx.chunk_size = chunk_size
-        return out
+        ctx.mark_non_differentiable(ref_lp)
+        return pol_lp, ref_lp, kl
 
     @staticmethod
-    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
-        ref, policy, lse_ref, lse_pol, rows = ctx.saved_tensors
+    def backward(ctx, grad_pol_lp: Tensor, _grad_ref_lp: Tensor, grad_kl: Tensor):  # type: ignore[override]
+        policy, ref, labels, lse_pol, lse_ref, rows = ctx.saved_tensors
         rows = None if ctx.all_rows else rows
         grad = torch.zeros_like(policy)
         for sel in _chunks(policy.shape[0], rows, ctx.chunk_size):
-            # d KL / d z_theta = softmax(z_theta) - softmax(z_ref); two float32 blocks, in place.
-            p_pol = (policy[sel] - lse_pol[sel].unsqueeze(-1)).exp_()
-            p_ref = (ref[sel] - lse_ref[sel].unsqueeze(-1)).exp_()
-            grad[sel] = p_pol.sub_(p_ref).mul_(grad_out[sel].to(ctx.dtype).unsqueeze(-1)).to(grad.dtype)
-        return None, grad, None, None
+            g_lp = grad_pol_lp[sel].to(ctx.dtype).unsqueeze(-1)
+            g_kl = grad_kl[sel].to(ctx.dtype).unsqueeze(-1)
+            # d/dz_theta [g_lp (z_label - lse(z)) + g_kl KL] = g_lp (onehot - s) + g_kl (s - p_ref)
+            # = s (g_kl - g_lp) - g_kl p_ref + g_lp onehot, with s = softmax(z_theta). Two float32 blocks.
+            block = (policy[sel] - lse_pol[sel].unsqueeze(-1)).exp_().mul_(g_kl - g_lp)
+            p_ref = (ref[sel] - lse_ref[sel].unsqueeze(-1)).exp_().mul_(g_kl)
+            block.sub_(p_ref).scatter_add_(-1, labels[sel].unsqueeze(-1), g_lp)
+            grad[sel] = block.to(grad.dtype)
+        return grad, None, None, None, None
+
+
+def _next_token_rows(mask: Tensor | None, bsz: int, length: int, device: torch.device) -> Tensor:
+    """Flattened logits rows that predict a masked (input-aligned) position: row (b, t) for mask[b, t + 1]."""
+    needed = torch.zeros(bsz, length, dtype=torch.bool, device=device)
+    if mask is None:
+        needed[:, :-1] = True
+    else:
+        if mask.shape != (bsz, length):
+            raise ValueError(f"mask {tuple(mask.shape)} does not match logits [B, T] = {(bsz, length)}")
+        needed[:, :-1] = mask[:, 1:].bool()
+    return needed.reshape(-1).nonzero().flatten()
+
+
+def logprobs_and_kl(
+    policy_logits: Tensor,
+    ref_logits: Tensor,
+    input_ids: Tensor,
+    mask: Tensor | None = None,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Policy log-probs, reference log-probs and the per-position KL, in one pass (spec §1, §4).
+
+    Equal to ``token_logprobs(policy_logits, input_ids)``, ``token_logprobs(ref_logits, input_ids)``
+    and ``sequential_kl(ref_logits, policy_logits)`` (all input-aligned, 0 at position 0 and where
+    ``mask`` is 0), at about half the vocabulary passes of the three separately: the TDPO-KL variants
+    (alpha > 0) need all three at every response position.
+
+    Args:
+        policy_logits, ref_logits: ``[B, T, V]``; gradient flows to ``policy_logits`` only.
+        input_ids: ``[B, T]``.
+        mask: optional ``[B, T]`` input-aligned response mask; only those positions are computed.
+        chunk_size: flattened rows per float32 chunk (on CPU fewer, see ``CPU_BLOCK_BYTES``).
+
+    Returns:
+        ``(policy_logps, ref_logps, kl)``, float32 ``[B, T]`` each (float64 for float64 logits);
+        ``ref_logps`` carries no gradient.
+    """
+    if ref_logits.shape != policy_logits.shape or policy_logits.dim() != 3:
+        raise ValueError(
+            f"logprobs_and_kl: expected equal [B, T, V] logits, got {tuple(policy_logits.shape)} and "
+            f"{tuple(ref_logits.shape)}"
+        )
+    bsz, length, vocab = policy_logits.shape
+    if input_ids.shape != (bsz, length):
+        raise ValueError(
+            f"logprobs_and_kl: input_ids {tuple(input_ids.shape)} do not match logits {(bsz, length)}"
+        )
+    labels = torch.zeros_like(input_ids, dtype=torch.long)
+    labels[:, :-1] = input_ids[:, 1:]
+    rows = _next_token_rows(mask, bsz, length, policy_logits.device)
+    flat_labels = labels.reshape(-1)
+    if rows.numel() and bool(((flat_labels[rows] < 0) | (flat_labels[rows] >= vocab)).any()):
+        raise ValueError(f"logprobs_and_kl: token ids outside [0, {vocab}) at masked positions")
+    outs = _LogprobsAndKL.apply(
+        policy_logits.reshape(-1, vocab),
+        ref_logits.detach().reshape(-1, vocab),
+        flat_labels,
+        rows,
+        _block_rows(chunk_size, policy_logits),
+    )
+    pol_lp, ref_lp, kl = (torch.nn.functional.pad(o.reshape(bsz, length)[:, :-1], (1, 0)) for o in outs)
+    check_finite("policy log-probs (logits hold NaN/Inf, or a label has probability 0)", pol_lp)
+    check_finite("reference log-probs (logits hold NaN/Inf, or a label has probability 0)", ref_lp)
+    check_finite("sequential KL (logits hold NaN/Inf, or the policy rules out a reference token)", kl)
+    return pol_lp, ref_lp, kl
 
 
 def sequential_kl(
@@ -280,7 +364,8 @@ def sequential_kl(
     ``out[:, t] = sum_v p_ref(v) (log p_ref(v) - log p_theta(v))`` with both distributions taken from
     the logits at ``t - 1`` (input-aligned like :func:`token_logprobs`); ``out[:, 0] = 0``. Summing
     ``out`` over the response gives ``KL_seq(y)`` of spec §4. Computed in chunks of flattened rows;
-    gradient flows to ``policy_logits`` only (the reference is treated as a constant).
+    gradient flows to ``policy_logits`` only (the reference is treated as a constant). Use
+    :func:`logprobs_and_kl` when the label log-probs are needed too.
 
     Args:
         ref_logits, policy_logits: ``[B, T, V]``.
@@ -299,27 +384,14 @@ def sequential_kl(
             f"sequential_kl: expected equal [B, T, V] shapes, got {tuple(ref_logits.shape)} and "
             f"{tuple(policy_logits.shape)}"
         )
-    bsz, length, vocab = policy_logits.shape
-    # Row (b, t) of the logits holds the distribution of token t + 1; the last row is never needed.
-    needed = torch.zeros(bsz, length, dtype=torch.bool, device=policy_logits.device)
-    if mask is None:
-        needed[:, :-1] = True
-    else:
-        if mask.shape != (bsz, length):
-            raise ValueError(
-                f"sequential_kl: mask {tuple(mask.shape)} does not match logits [B, T] = {(bsz, length)}"
-            )
-        needed[:, :-1] = mask[:, 1:].bool()
-    rows = needed.reshape(-1).nonzero().flatten()
-    kl = _SequentialKL.apply(
-        ref_logits.detach().reshape(-1, vocab),
-        policy_logits.reshape(-1, vocab),
-        rows,
-        _block_rows(chunk_size, policy_logits),
-    )
-    out = torch.nn.functional.pad(kl.reshape(bsz, length)[:, :-1], (1, 0))
-    check_finite("sequential KL (logits hold NaN/Inf, or the policy rules out a reference token)", out)
-    return out
+    bsz, length, _ = policy_logits.shape
+    if mask is not None and mask.shape != (bsz, length):
+        raise ValueError(
+            f"sequential_kl: mask {tuple(mask.shape)} does not match logits [B, T] = {(bsz, length)}"
+        )
+    # The kernel also returns label log-probs; any in-range labels do (here token 0), then dropped.
+    dummy_ids = torch.zeros(bsz, length, dtype=torch.long, device=policy_logits.device)
+    return logprobs_and_kl(policy_logits, ref_logits, dummy_ids, mask, chunk_size=chunk_size)[2]
 
 
 def pack_to_response_start(values: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:

@@ -32,7 +32,13 @@ from tidpo.generation import sample_completion_ids
 from tidpo.importance import attribution_from_targets, importance_weights
 from tidpo.losses import dpo_loss, ipo_loss, simpo_loss, triplet_terms, weighted_preference_loss
 from tidpo.models import ensure_pad_token, load_causal_lm, load_tokenizer
-from tidpo.tokenops import NonFiniteError, check_finite, pack_to_response_start, sequential_kl, token_logprobs
+from tidpo.tokenops import (
+    NonFiniteError,
+    check_finite,
+    logprobs_and_kl,
+    pack_to_response_start,
+    token_logprobs,
+)
 from tidpo.training.checkpointing import save_checkpoint_atomically
 from tidpo.training.config import TIDPOConfig
 from tidpo.training.distributed import (
@@ -405,6 +411,35 @@ class TIDPOTrainer(Trainer):
             self._metrics[mode]["nonfinite/skipped"].append(float(self._nonfinite_skipped))
         return (loss, {}) if return_outputs else loss
 
+    def _policy_forward(self, model: nn.Module, ids: torch.Tensor, attn: torch.Tensor, fused: bool):
+        """Policy forward through the (wrapped) model; returns (outputs, input embeddings or None).
+
+        The input embeddings are captured through a hook, so the forward still goes through the wrapped
+        model (DDP / DeepSpeed / FSDP bookkeeping) and the fused attribution gradient can target them.
+        """
+        captured: dict[str, torch.Tensor] = {}
+
+        def capture(_module, _inputs, output):
+            if not output.requires_grad:  # frozen embeddings (LoRA): make them a leaf to attribute to
+                output = output.detach().requires_grad_(True)
+            captured["embeds"] = output
+            return output
+
+        embedding = self.accelerator.unwrap_model(model).get_input_embeddings()
+        handle = embedding.register_forward_hook(capture) if fused else None
+        try:
+            outputs = model(
+                input_ids=ids,
+                attention_mask=attn,
+                position_ids=_position_ids(attn),
+                use_cache=False,
+                output_hidden_states=fused,
+            )
+        finally:
+            if handle is not None:
+                handle.remove()
+        return outputs, captured.get("embeds")
+
     def _compute_loss(self, model: nn.Module, inputs: dict[str, torch.Tensor]):
         args = self.args
         step = self.state.global_step
@@ -412,20 +447,10 @@ class TIDPOTrainer(Trainer):
         cmask = inputs["completion_mask"].bool()
         n_pairs = ids.size(0) // 2
         n_rows = 2 * n_pairs
-        width = ids.size(1)  # the pairs' width; anchor rows may make the forward batch wider
+        width = ids.size(1)  # the pairs' width; anchor rows may make a joint forward batch wider
         chunk = args.logits_chunk_size
         pair_ids = inputs.get("row_ids")  # data-row index of each pair, for NaN/Inf messages
-
-        # Anchors join the concatenated batch: one policy forward for chosen, rejected and anchors.
-        if args.uses_triplet:
-            a_ids, a_attn, a_cmask = self._sample_anchors(model, inputs)
-            full_width = max(width, a_ids.size(1))
-            pad = self.processing_class.pad_token_id
-            all_ids = torch.cat([_pad_to(ids, full_width, pad), _pad_to(a_ids, full_width, pad)])
-            all_attn = torch.cat([_pad_to(attn, full_width, 0), _pad_to(a_attn, full_width, 0)])
-            all_cmask = torch.cat([_pad_to(cmask, full_width, False), _pad_to(a_cmask, full_width, False)])
-        else:
-            all_ids, all_attn, all_cmask = ids, attn, cmask
+        pad = self.processing_class.pad_token_id
 
         mode = args.effective_importance_mode
         fused = args.uses_attribution and args.attribution_pass == "fused" and model.training
@@ -434,37 +459,38 @@ class TIDPOTrainer(Trainer):
         if args.uses_attribution and not fused:
             scores = separate_attribution(model, self.accelerator, ids, attn)
 
-        # Capture the input embeddings through a hook, so the forward still goes through the wrapped
-        # model (DDP / DeepSpeed / FSDP bookkeeping) and the attribution gradient can target them.
-        captured: dict[str, torch.Tensor] = {}
+        # Anchors (spec section 5). With the fused attribution they get their own forward, so the
+        # attribution backward runs over the pair rows only (the anchors need no weights). Otherwise they
+        # join the pairs' forward (one forward, and one parameter gather under ZeRO-3 / FSDP).
+        a_ids = a_attn = a_cmask = None
+        joint = False
+        if args.uses_triplet:
+            a_ids, a_attn, a_cmask = self._sample_anchors(model, inputs)
+            joint = not fused
+            if joint:
+                full = max(width, a_ids.size(1))
+                ids, attn, cmask = (
+                    _pad_to(ids, full, pad),
+                    _pad_to(attn, full, 0),
+                    _pad_to(cmask, full, False),
+                )
+                a_ids, a_attn = _pad_to(a_ids, full, pad), _pad_to(a_attn, full, 0)
+                a_cmask = _pad_to(a_cmask, full, False)
 
-        def capture(_module, _inputs, output):
-            if fused and not output.requires_grad:
-                output = output.detach().requires_grad_(True)
-            captured["embeds"] = output
-            return output
-
-        embedding = self.accelerator.unwrap_model(model).get_input_embeddings()
-        handle = embedding.register_forward_hook(capture)
-        try:
-            outputs = model(
-                input_ids=all_ids,
-                attention_mask=all_attn,
-                position_ids=_position_ids(all_attn),
-                use_cache=False,
-                output_hidden_states=fused,
-            )
-        finally:
-            handle.remove()
-        logits = outputs.logits
-        # Only response positions enter any loss: skip the prompt's share of the vocabulary work.
-        policy_logps = token_logprobs(logits, all_ids, chunk_size=chunk, mask=all_cmask)
-        check_finite(
-            "policy log-probs",
-            policy_logps.masked_fill(~all_cmask, 0.0),
-            rows=_repeat_rows(pair_ids, all_ids.size(0)),
-            step=step,
-        )
+        fwd_ids, fwd_attn = (torch.cat([ids, a_ids]), torch.cat([attn, a_attn])) if joint else (ids, attn)
+        outputs, embeds = self._policy_forward(model, fwd_ids, fwd_attn, fused)
+        logits = outputs.logits[:n_rows]  # a view: first-dimension slices of contiguous logits stay so
+        a_logits = None
+        if args.uses_triplet:
+            if joint:
+                a_logits = outputs.logits[n_rows:]
+            else:
+                a_logits = model(
+                    input_ids=a_ids,
+                    attention_mask=a_attn,
+                    position_ids=_position_ids(a_attn),
+                    use_cache=False,
+                ).logits
 
         if fused:
             # Eq. 5-6 target: the largest logit at each pair row's last valid position. Taken from the
@@ -480,9 +506,53 @@ class TIDPOTrainer(Trainer):
             ):
                 last_logits = hidden_logits
             targets = last_logits.float().max(dim=-1).values
-            scores = attribution_from_targets(targets, captured["embeds"], all_attn, retain_graph=True)
-            # Anchor rows may have widened the batch; pair rows are only padding past their own width.
-            scores = scores[:n_rows, :width]
+            scores = attribution_from_targets(targets, embeds, attn, retain_graph=True)[:, :width]
+
+        # Reference forwards and the per-token log-probs (only response positions enter any loss).
+        ref_logits = a_ref_logits = None
+        cached = "ref_logps" in inputs  # never together with the KL (the config refuses it)
+        if args.uses_reference:
+            if joint:
+                both = self._reference_logits(fwd_ids, fwd_attn)
+                ref_logits, a_ref_logits = both[:n_rows], both[n_rows:]
+            else:
+                if not cached or args.uses_sequential_kl:
+                    ref_logits = self._reference_logits(ids, attn)
+                if args.uses_triplet:
+                    a_ref_logits = self._reference_logits(a_ids, a_attn)
+        kl = None
+        if args.uses_sequential_kl:
+            policy_logps, ref_logps, kl = logprobs_and_kl(logits, ref_logits, ids, cmask, chunk_size=chunk)
+            kl = kl[:, :width]
+        else:
+            policy_logps = token_logprobs(logits, ids, chunk_size=chunk, mask=cmask)
+            ref_logps = None
+            if args.uses_reference:
+                ref_logps = (
+                    _pad_to(inputs["ref_logps"].float(), ids.size(1), 0.0)
+                    if cached
+                    else token_logprobs(ref_logits, ids, chunk_size=chunk, mask=cmask)
+                )
+        check_finite(
+            "policy log-probs",
+            policy_logps.masked_fill(~cmask, 0.0),
+            rows=_repeat_rows(pair_ids, n_rows),
+            step=step,
+        )
+        logratios = (policy_logps - ref_logps if ref_logps is not None else policy_logps) * cmask
+        logratios, policy_logps = logratios[:, :width], policy_logps[:, :width]
+        ids, attn, cmask = ids[:, :width], attn[:, :width], cmask[:, :width]
+        a_logratios = None
+        if args.uses_triplet:
+            a_logps = token_logprobs(a_logits, a_ids, chunk_size=chunk, mask=a_cmask)
+            check_finite(
+                "anchor log-probs",
+                a_logps.masked_fill(~a_cmask, 0.0),
+                rows=_repeat_rows(pair_ids, a_ids.size(0)),
+                step=step,
+            )
+            a_ref = token_logprobs(a_ref_logits, a_ids, chunk_size=chunk, mask=a_cmask)
+            a_logratios = (a_logps - a_ref) * a_cmask
 
         span = cmask if args.importance_span == "response" else attn.bool()
         if mode == "dataset":
@@ -507,26 +577,9 @@ class TIDPOTrainer(Trainer):
         weights = weights * cmask  # prompt weights (span "sequence") never enter the loss
         check_finite("importance weights", weights, rows=_repeat_rows(pair_ids, n_rows), step=step)
 
-        # Reference log-probs and the sequential KL.
-        ref_logits = None
-        if args.uses_reference:
-            if "ref_logps" in inputs and not args.uses_triplet:
-                ref_logps = inputs["ref_logps"].float()
-            else:
-                ref_logits = self._reference_logits(all_ids, all_attn)
-                ref_logps = token_logprobs(ref_logits, all_ids, chunk_size=chunk, mask=all_cmask)
-                if "ref_logps" in inputs:  # cached for the pairs; the anchors needed a forward anyway
-                    cached = _pad_to(inputs["ref_logps"].float(), ref_logps.size(1), 0.0)
-                    ref_logps = torch.cat([cached, ref_logps[n_rows:]])
-            logratios = (policy_logps - _pad_to(ref_logps, policy_logps.size(1), 0.0)) * all_cmask
-        else:
-            logratios = policy_logps * all_cmask
-        kl = None
-        if args.uses_sequential_kl:
-            kl = sequential_kl(ref_logits[:n_rows, :width], logits[:n_rows, :width], cmask, chunk_size=chunk)
-        c_lr, r_lr = logratios[:n_pairs, :width], logratios[n_pairs:n_rows, :width]
-        c_mask, r_mask = cmask[:n_pairs], cmask[n_pairs:n_rows]
-        c_w, r_w = weights[:n_pairs], weights[n_pairs:n_rows]
+        c_lr, r_lr = logratios[:n_pairs], logratios[n_pairs:]
+        c_mask, r_mask = cmask[:n_pairs], cmask[n_pairs:]
+        c_w, r_w = weights[:n_pairs], weights[n_pairs:]
         c_kl, r_kl = (kl[:n_pairs], kl[n_pairs:]) if kl is not None else (None, None)
 
         lt = args.loss_type
@@ -559,7 +612,7 @@ class TIDPOTrainer(Trainer):
 
         metrics: dict[str, float] = {}
         if args.uses_triplet:
-            a_lr, a_mask = logratios[n_rows:], all_cmask[n_rows:]
+            a_lr, a_mask = a_logratios, a_cmask
             b, b_mask = pack_to_response_start(c_lr, c_mask)
             c, c_mask_p = pack_to_response_start(r_lr, r_mask)
             d, d_mask = pack_to_response_start(a_lr, a_mask)
@@ -573,7 +626,7 @@ class TIDPOTrainer(Trainer):
 
         metrics.update(
             self._pair_metrics(
-                chosen_rewards, rejected_rewards, policy_logps[:, :width], logits[:, :width], cmask, n_pairs
+                chosen_rewards, rejected_rewards, policy_logps, logits[:, :width], cmask, n_pairs
             )
         )
         if kl is not None:
