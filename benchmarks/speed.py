@@ -92,6 +92,27 @@ class Entry:
     cpu_times: list[float] = field(default_factory=list)  # process CPU seconds per measured step
     peak_bytes: int | None = None
     losses: list[float] = field(default_factory=list)
+    anchor_times: list[float] = field(default_factory=list)  # seconds sampling anchors, per measured step
+    _anchor_clock: list[float] = field(default_factory=lambda: [0.0])  # accumulated during one step
+
+
+def time_anchor_sampling(entry: Entry, device: str) -> None:
+    """Wrap the trainer's anchor sampling with a (synchronized) wall clock, to split the step's cost."""
+    trainer = entry.trainer
+    sample = getattr(trainer, "_sample_anchors", None)
+    if sample is None:  # TRL's trainer: no anchors
+        return
+
+    def timed(*a, **kw):
+        _sync(device)
+        start = time.perf_counter()
+        try:
+            return sample(*a, **kw)
+        finally:
+            _sync(device)
+            entry._anchor_clock[0] += time.perf_counter() - start
+
+    trainer._sample_anchors = timed
 
 
 # --------------------------------------------------------------------------- data
@@ -267,7 +288,9 @@ def build_entry(name: str, args, models, rows, workdir: str) -> Entry:
     # The same rows 0..B-1 for every configuration, each collated by its own trainer's collator.
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(args.batch_size)])
     batch = {k: v.to(trainer.args.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-    return Entry(name=name, trainer=trainer, batch=batch)
+    entry = Entry(name=name, trainer=trainer, batch=batch)
+    time_anchor_sampling(entry, args.device)
+    return entry
 
 
 def _sync(device: str) -> None:
@@ -380,7 +403,7 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def _fmt(x: float | None, spec: str) -> str:
-    return "-" if x is None else format(x, spec)
+    return "-".rjust(int(spec.split(".")[0])) if x is None else format(x, spec)
 
 
 def _median(values: list[float]) -> float | None:
@@ -400,7 +423,7 @@ def report(entries: dict[str, Entry], parity: tuple[float, float] | None, args) 
     print(f"\nRatios use the median {'process CPU' if clock == 'cpu' else 'wall-clock'} time per step.")
     header = (
         f"{'config':<12} {'wall s':>7} {'cpu s':>7} {'cpu min':>7} {'cpu max':>7} {'peak MiB':>9} "
-        f"{'time/dpo':>8} {'mem/dpo':>8}  description"
+        f"{'time/dpo':>8} {'mem/dpo':>8} {'anchor s':>8}  description"
     )
     print(header + "\n" + "-" * len(header))
     for name, entry in entries.items():
@@ -413,6 +436,7 @@ def report(entries: dict[str, Entry], parity: tuple[float, float] | None, args) 
             "peak_mib": None if peak is None else peak / 2**20,
             "time_ratio": _ratio(step_time(entry), base_t),
             "mem_ratio": _ratio(peak, base_m),
+            "median_anchor_wall_s": _median(entry.anchor_times) if any(entry.anchor_times) else None,
         }
         results["configs"][name] = row
         cpu = entry.cpu_times
@@ -420,7 +444,7 @@ def report(entries: dict[str, Entry], parity: tuple[float, float] | None, args) 
             f"{name:<12} {_fmt(row['median_wall_s'], '7.2f')} {_fmt(row['median_cpu_s'], '7.2f')} "
             f"{_fmt(min(cpu) if cpu else None, '7.2f')} {_fmt(max(cpu) if cpu else None, '7.2f')} "
             f"{_fmt(row['peak_mib'], '9.1f')} {_fmt(row['time_ratio'], '8.2f')} "
-            f"{_fmt(row['mem_ratio'], '8.2f')}  {CONFIGS[name][1]}"
+            f"{_fmt(row['mem_ratio'], '8.2f')} {_fmt(row['median_anchor_wall_s'], '8.2f')}  {CONFIGS[name][1]}"
         )
 
     checks: list[tuple[str, bool | None, str]] = []
@@ -547,10 +571,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for round_index in range(args.warmup + args.steps):
             cells = []
             for entry in entries.values():
+                entry._anchor_clock[0] = 0.0
                 elapsed, cpu = timed_step(entry, args.device)
                 if round_index >= args.warmup:
                     entry.times.append(elapsed)
                     entry.cpu_times.append(cpu)
+                    entry.anchor_times.append(entry._anchor_clock[0])
                 cells.append(f"{entry.name} {elapsed:.2f}s wall/{cpu:.2f}s cpu")
             tag = "warm-up" if round_index < args.warmup else f"step {round_index - args.warmup + 1}"
             print(f"{tag:>8}: " + ", ".join(cells), flush=True)

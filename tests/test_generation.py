@@ -194,3 +194,32 @@ def test_shared_prompt_pass_matches_repeated_prompts(model, tok):
     torch.manual_seed(5)
     b = sample_completion_ids(model, ids, mask, max_new_tokens=7, num_return_sequences=4)
     assert a.shape[0] == 8 and torch.equal(a, b)
+
+
+def test_static_cache_gives_the_dynamic_cache_samples_and_is_reused(model, tok):
+    # The static cache (compiled on GPU) must not change what is sampled: greedy and seeded sampling
+    # give the dynamic cache's ids, also on a second call with another prompt length (the cache is
+    # reset in place between calls, its tensors kept).
+    from tidpo.generation import anchor_cache
+
+    cache = anchor_cache(model, max_cache_len=40)
+    for prompts in (["A cat", "Please answer briefly, in lowercase. The dog ran"], ["The sky is", "Grass"]):
+        ids, mask = _left_pad(tok, prompts)
+        dynamic = sample_completion_ids(model, ids, mask, max_new_tokens=9, do_sample=False)
+        static = sample_completion_ids(
+            model, ids, mask, max_new_tokens=9, do_sample=False, static_cache=cache
+        )
+        assert torch.equal(static, dynamic)
+        torch.manual_seed(11)
+        dynamic = sample_completion_ids(model, ids, mask, max_new_tokens=9)
+        torch.manual_seed(11)
+        static = sample_completion_ids(model, ids, mask, max_new_tokens=9, static_cache=cache)
+        assert torch.equal(static, dynamic)
+    keys = cache.layers[0].keys
+    ids, mask = _left_pad(tok, ["A cat", "A dog"])
+    sample_completion_ids(model, ids, mask, max_new_tokens=3, static_cache=cache)
+    assert cache.layers[0].keys is keys, "the cache's tensors must be kept across calls"
+    with pytest.raises(ValueError, match="fewer than"):
+        sample_completion_ids(model, ids, mask, max_new_tokens=40, static_cache=cache)
+    with pytest.raises(ValueError, match="num_return_sequences=1"):
+        sample_completion_ids(model, ids, mask, max_new_tokens=3, static_cache=cache, num_return_sequences=2)

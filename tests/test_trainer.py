@@ -337,3 +337,26 @@ def test_nan_batches_can_be_skipped_and_counted(tmp_path, tiny_tok, tiny_llama, 
 def test_invalid_config_raises_naming_the_option(tmp_path, option, value):
     with pytest.raises(ValueError, match=option):
         TIDPOConfig(output_dir=str(tmp_path), **{option: value})
+
+
+def test_static_cache_anchors_give_the_same_step(tmp_path, tiny_tok, tiny_llama, pairs_dataset):
+    """Anchors decoded into the kept static cache (what CUDA runs use by default) are the dynamic
+    cache's anchors: same loss and triplet metrics on the same batch, and the cache is reused."""
+    results = {}
+    for static in (False, True):
+        args = make_config(tmp_path, gamma=0.1, tdpo_alpha=0.5, anchor_static_cache=static)
+        trainer = TIDPOTrainer(
+            copy.deepcopy(tiny_llama), args=args, train_dataset=pairs_dataset, processing_class=tiny_tok
+        )
+        with torch.no_grad():
+            for p in trainer.model.parameters():
+                p.add_(0.05 * torch.randn_like(p, generator=torch.Generator().manual_seed(2)))
+        trainer.model.train()
+        batch = _first_batch(trainer)
+        loss = trainer.compute_loss(trainer.model, batch).item()
+        caches = dict(trainer._anchor_caches)
+        trainer.compute_loss(trainer.model, batch)
+        assert trainer._anchor_caches == caches  # the same objects, kept across steps
+        assert bool(caches) == static
+        results[static] = (loss, trainer._metrics["train"]["triplet/dist_pos"][0])
+    assert results[True] == pytest.approx(results[False], rel=1e-6)

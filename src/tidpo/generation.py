@@ -19,14 +19,20 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Union
 
 import torch
-from transformers import DynamicCache, GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    DynamicCache,
+    GenerationConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    StaticCache,
+)
 
 from tidpo.models import ensure_pad_token
 
 Message = Mapping[str, Any]
 Prompt = Union[str, Sequence[Message]]  # noqa: UP007 (runtime alias on py3.10)
 
-__all__ = ["Prompt", "generate", "render_prompt", "sample_completion_ids"]
+__all__ = ["Prompt", "anchor_cache", "generate", "render_prompt", "sample_completion_ids"]
 
 
 @contextlib.contextmanager
@@ -124,6 +130,7 @@ def sample_completion_ids(
     pad_token_id: int | None = None,
     do_sample: bool = True,
     num_return_sequences: int = 1,
+    static_cache: StaticCache | None = None,
 ) -> torch.Tensor:
     """Sample continuations of LEFT-padded prompts and return only the new token ids.
 
@@ -132,6 +139,13 @@ def sample_completion_ids(
         prompt_input_ids, prompt_attention_mask: ``[B, P]``, left-padded (the last column is real).
         eos_token_id, pad_token_id: default to the model's generation config.
         do_sample: ``False`` for greedy decoding (then temperature/top_k/top_p are ignored).
+        static_cache: decode into this ``transformers.StaticCache`` (reset first) instead of a growing
+            cache; it must hold ``P + max_new_tokens`` positions of ``B`` rows (:func:`anchor_cache`).
+            On GPU transformers compiles the decode step for a static cache (torch.compile
+            "reduce-overhead", i.e. CUDA graphs): eager decoding is bound by kernel launches there.
+            Passing the same cache object on every call keeps its tensors at fixed addresses, so later
+            calls replay the recorded graphs instead of recording new ones. Same distribution; only
+            with ``num_return_sequences = 1``.
 
     Returns:
         ``LongTensor[B * num_return_sequences, N]`` with ``N <= max_new_tokens`` (generation stops when
@@ -161,6 +175,17 @@ def sample_completion_ids(
         raise ValueError(
             "sample_completion_ids: no pad_token_id and no eos_token_id given or in the model config"
         )
+    if static_cache is not None:
+        needed = prompt_input_ids.shape[1] + max_new_tokens
+        size = static_cache.layers[0].max_cache_len
+        if size < needed:
+            raise ValueError(
+                f"static_cache holds {size} positions, fewer than {prompt_input_ids.shape[1]} prompt tokens + "
+                f"max_new_tokens={max_new_tokens} = {needed}"
+            )
+        if num_return_sequences > 1:
+            raise ValueError("static_cache is for one sample per prompt (num_return_sequences=1)")
+        static_cache.reset()
     config = _generation_config(
         max_new_tokens=max_new_tokens,
         do_sample=do_sample,
@@ -181,6 +206,7 @@ def sample_completion_ids(
                 cache = _shared_prefill(model, ids, mask, num_return_sequences)
             ids = ids.repeat_interleave(num_return_sequences, dim=0)
             mask = mask.repeat_interleave(num_return_sequences, dim=0)
+        cache = static_cache if static_cache is not None else cache
         extra = {} if cache is None else {_cache_kwarg(model): cache}
         out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config, **extra)
     sequences = out if isinstance(out, torch.Tensor) else out.sequences
@@ -195,8 +221,21 @@ def _can_share_prefill(model: torch.nn.Module, mask: torch.Tensor) -> bool:
 
 
 def _cache_kwarg(model: torch.nn.Module) -> str:
-    # transformers 5.2x renamed `past_key_values` to `cache` (the old name warns); support both.
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    # transformers 5.2x renamed `past_key_values` to `cache` (the old name warns); support both. A PEFT
+    # wrapper's forward takes **kwargs: ask the transformers model inside.
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
+
+
+def anchor_cache(model: torch.nn.Module, max_cache_len: int) -> StaticCache:
+    """A static KV cache of ``max_cache_len`` positions for :func:`sample_completion_ids`.
+
+    Its tensors are created on first use (shapes, dtype and device from the model's own keys and
+    values) and then kept, zeroed in place between calls, for as long as the caller keeps the object:
+    fixed addresses are what the compiled decode step's CUDA graphs need. One cache per batch size.
+    """
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return StaticCache(config=inner.config.get_text_config(decoder=True), max_cache_len=max_cache_len)
 
 
 def _shared_prefill(model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor, k: int) -> DynamicCache:

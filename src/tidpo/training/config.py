@@ -74,6 +74,14 @@ class TIDPOConfig(TrainingArguments):
         anchor_temperature (`float`, defaults to `0.8`): sampling temperature of anchors.
         anchor_top_k (`int`, defaults to `50`): top-k filter of anchor sampling (0 disables it).
         anchor_top_p (`float`, defaults to `0.95`): nucleus filter of anchor sampling.
+        anchor_static_cache (`bool` or `None`, defaults to `None`):
+            Decode anchors into a static KV cache of `max_prompt_length + anchor_max_new_tokens`
+            positions, kept across steps. On GPU transformers compiles the decode step for it with CUDA
+            graphs (torch.compile "reduce-overhead"): eager decoding there is bound by kernel launches,
+            and the anchors' sequential decode steps would otherwise cost several training steps. The
+            first step (and each new batch size) pays the compilation, tens of seconds. `None`: on for
+            CUDA without parameter sharding (single GPU, DDP); off on CPU (decoding is bound by memory
+            bandwidth there; no gain) and under DeepSpeed ZeRO / FSDP (weights gathered into new buffers).
 
         > Data
 
@@ -128,6 +136,10 @@ class TIDPOConfig(TrainingArguments):
     anchor_temperature: float = field(default=0.8, metadata={"help": "Anchor sampling temperature."})
     anchor_top_k: int = field(default=50, metadata={"help": "Anchor sampling top-k (0 = off)."})
     anchor_top_p: float = field(default=0.95, metadata={"help": "Anchor sampling top-p."})
+    anchor_static_cache: bool | None = field(
+        default=None,
+        metadata={"help": "Static KV cache + compiled decoding for anchors (None = auto: CUDA)."},
+    )
 
     max_length: int | None = field(default=256, metadata={"help": "Longest prompt + response (tokens)."})
     max_prompt_length: int | None = field(default=128, metadata={"help": "Longest prompt (left-truncated)."})

@@ -17,6 +17,7 @@ models, batches and metrics around it.
 
 from __future__ import annotations
 
+import importlib.util
 import warnings
 from collections import defaultdict
 from typing import Any
@@ -24,11 +25,11 @@ from typing import Any
 import torch
 from datasets import Dataset
 from torch import nn
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, StaticCache, Trainer, TrainerCallback
 from transformers.trainer_utils import set_seed
 
 from tidpo.data import ROW_ID_COLUMN, PreferenceCollator, prepare_preference_dataset
-from tidpo.generation import sample_completion_ids
+from tidpo.generation import anchor_cache, sample_completion_ids
 from tidpo.importance import attribution_from_targets, importance_weights
 from tidpo.losses import dpo_loss, ipo_loss, simpo_loss, triplet_terms, weighted_preference_loss
 from tidpo.models import ensure_pad_token, load_causal_lm, load_tokenizer
@@ -45,10 +46,12 @@ from tidpo.training.distributed import (
     default_reference_model,
     fused_attribution_supported,
     global_mean,
+    is_fsdp,
     prepare_reference_model,
     rank_slice,
     separate_attribution,
     unwrapped_for_generation,
+    zero_stage,
 )
 
 
@@ -228,6 +231,7 @@ class TIDPOTrainer(Trainer):
             "eval": defaultdict(list),
         }
         self._nonfinite_skipped = 0
+        self._anchor_caches: dict[int, StaticCache] = {}  # batch size -> static KV cache for anchors
 
         # Sharded like the policy under ZeRO-3 / FSDP, a device replica otherwise (distributed.py).
         self.ref_model = (
@@ -362,8 +366,9 @@ class TIDPOTrainer(Trainer):
 
     def _sample(self, model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
         args, tokenizer = self.args, self.processing_class
+        policy = self.accelerator.unwrap_model(model)
         return sample_completion_ids(
-            self.accelerator.unwrap_model(model),
+            policy,
             prompt_ids,
             prompt_mask.long(),
             max_new_tokens=args.anchor_max_new_tokens,
@@ -372,7 +377,37 @@ class TIDPOTrainer(Trainer):
             top_p=args.anchor_top_p,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
+            static_cache=self._anchor_cache(policy, prompt_ids)
+            if self._anchor_static_cache(prompt_ids)
+            else None,
         )
+
+    def _anchor_static_cache(self, prompt_ids: torch.Tensor) -> bool:
+        if self.args.anchor_static_cache is not None:
+            return self.args.anchor_static_cache
+        # Auto: CUDA without parameter sharding (ZeRO-3 / FSDP gather the weights into new buffers), and
+        # with Triton, which torch.compile's GPU backend needs.
+        return (
+            prompt_ids.device.type == "cuda"
+            and zero_stage(self.accelerator) is None
+            and not is_fsdp(self.accelerator)
+            and importlib.util.find_spec("triton") is not None
+        )
+
+    def _anchor_cache(self, policy: nn.Module, prompt_ids: torch.Tensor) -> StaticCache:
+        """One static cache per batch size, kept across steps (fixed addresses for the CUDA graphs).
+
+        Sized for the longest prompt the data allows (``max_prompt_length``) plus the anchor, so one
+        size serves the whole run; without a prompt limit it grows (and the decode step recompiles)
+        when a longer prompt arrives.
+        """
+        batch, prompt_len = prompt_ids.shape
+        new_tokens = self.args.anchor_max_new_tokens
+        size = max(self.args.max_prompt_length or 0, prompt_len) + new_tokens
+        cache = self._anchor_caches.get(batch)
+        if cache is None or cache.layers[0].max_cache_len < prompt_len + new_tokens:
+            cache = self._anchor_caches[batch] = anchor_cache(policy, size)
+        return cache
 
     def _anchor_rows(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion: torch.Tensor):
         tokenizer = self.processing_class
