@@ -320,47 +320,11 @@ def timed_step(entry: Entry, device: str) -> tuple[float, float]:
     return time.perf_counter() - start, time.process_time() - cpu_start
 
 
-@contextlib.contextmanager
-def _quiet_stderr():
-    """Silence file descriptor 2 for a block: libkineto prints a start/stop line per profile to it."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), 2)
-            yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
 def peak_step_bytes(entry: Entry, device: str) -> int:
     """Peak bytes of tensors allocated during one step, above the level at its start (see module doc)."""
-    if device == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        train_step(entry, device)
-        return torch.cuda.max_memory_allocated() - base
-    from torch._C._profiler import _EventType
-    from torch.profiler import ProfilerActivity, profile
+    from tidpo.profiling import peak_tensor_bytes
 
-    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        train_step(entry, device)
-    deltas: list[tuple[int, int]] = []
-
-    def walk(nodes) -> None:
-        for node in nodes:
-            if node.typed[0] == _EventType.Allocation and node.typed[1].device.type == "cpu":
-                deltas.append((node.start_time_ns, node.typed[1].alloc_size))
-            walk(node.children)
-
-    walk(prof.profiler.kineto_results.experimental_event_tree())
-    level = peak = 0
-    for _, size in sorted(deltas):
-        level += size
-        peak = max(peak, level)
-    return peak
+    return peak_tensor_bytes(lambda: train_step(entry, device), device)
 
 
 # --------------------------------------------------------------------------- checks

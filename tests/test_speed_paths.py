@@ -11,11 +11,10 @@ import math
 
 import pytest
 import torch
-from torch._C._profiler import _EventType
-from torch.profiler import ProfilerActivity, profile
 
 from tidpo import TIDPOConfig, TIDPOTrainer
 from tidpo.models import tiny_causal_lm
+from tidpo.profiling import peak_tensor_bytes
 from tidpo.tokenops import CPU_BLOCK_BYTES
 from tiny_setup import make_config as tiny_config
 
@@ -92,26 +91,6 @@ def test_bf16_fused_and_separate_attribution_agree(tmp_path, tiny_tok, bf16_llam
         assert diff <= 5e-2 * g_s[name].norm() + 1e-6, (name, float(diff), float(g_s[name].norm()))
 
 
-def _peak_bytes(fn) -> int:
-    """Peak bytes of torch CPU tensors alive at once while ``fn`` runs, above the level at its start."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    deltas = []
-
-    def walk(nodes) -> None:
-        for node in nodes:
-            if node.typed[0] == _EventType.Allocation and node.typed[1].device.type == "cpu":
-                deltas.append((node.start_time_ns, node.typed[1].alloc_size))
-            walk(node.children)
-
-    walk(prof.profiler.kineto_results.experimental_event_tree())
-    level = peak = 0
-    for _, size in sorted(deltas):
-        level += size
-        peak = max(peak, level)
-    return peak
-
-
 def test_fused_ti_dpo_step_peak_memory_stays_near_dpo(tmp_path, tiny_tok, pairs_dataset):
     """With a vocabulary large enough that logits dominate, no step holds extra [B, T, V] float32 copies:
     DPO holds the policy logits and their gradient (plus cache-sized blocks), the fused TI-DPO step
@@ -140,7 +119,7 @@ def test_fused_ti_dpo_step_peak_memory_stays_near_dpo(tmp_path, tiny_tok, pairs_
 
         step()  # allocations of a first call (lazy inits) are not what is compared
         trainer.model.zero_grad(set_to_none=True)
-        peaks[name] = _peak_bytes(step)
+        peaks[name] = peak_tensor_bytes(step)
         trainer.model.zero_grad(set_to_none=True)
     logits_bytes = batch["input_ids"].numel() * vocab * 4
     block = CPU_BLOCK_BYTES  # the chunk kernels' working blocks (a few alive at once)
@@ -150,3 +129,19 @@ def test_fused_ti_dpo_step_peak_memory_stays_near_dpo(tmp_path, tiny_tok, pairs_
     assert peaks["ti_fused"] <= 1.15 * peaks["dpo"], (peaks, logits_bytes)
     # The KL keeps the reference logits for its backward, and nothing else of full size.
     assert peaks["ti_fused_kl"] <= peaks["dpo"] + logits_bytes + 2 * block, (peaks, logits_bytes)
+
+
+def test_peak_tensor_bytes_counts_tensors_alive_at_once():
+    held = torch.ones(1 << 20, dtype=torch.uint8)  # alive before the block: not counted
+
+    def block() -> None:
+        a = torch.empty(1 << 20, dtype=torch.uint8)
+        b = torch.empty(2 << 20, dtype=torch.uint8)  # 3 MiB alive here
+        del a
+        c = torch.empty(1 << 20, dtype=torch.uint8)  # 3 MiB again, never 4
+        del b, c
+
+    assert peak_tensor_bytes(block) == 3 << 20
+    assert held.sum() == 1 << 20
+    with pytest.raises(ValueError, match="only CPU and CUDA"):
+        peak_tensor_bytes(block, "meta")

@@ -1,9 +1,10 @@
 """`TIDPOTrainer`: a `transformers.Trainer` that optimises TI-DPO (and its baselines).
 
 One training step (paper Algorithm 1):
-1. batch of pairs -> one concatenated policy forward over chosen, rejected and (when gamma > 0)
-   policy-sampled anchors;
-2. token importance by gradient attribution (Eq. 5-6): by default taken from that same forward with
+1. batch of pairs -> one concatenated policy forward over chosen and rejected; when gamma > 0, anchors
+   sampled from the policy (a kept static KV cache on CUDA, compiled by transformers) get their own
+   forward under the fused attribution, or join the pairs' forward otherwise;
+2. token importance by gradient attribution (Eq. 5-6): by default taken from the pairs' forward with
    one backward to the input embeddings ("fused"), or from a separate eval-mode pass;
 3. hybrid weights (Eq. 7-8), detached;
 4. weighted log-ratios against the reference (a frozen copy, the adapter-disabled base under LoRA,
