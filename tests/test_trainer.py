@@ -360,3 +360,20 @@ def test_static_cache_anchors_give_the_same_step(tmp_path, tiny_tok, tiny_llama,
         assert bool(caches) == static
         results[static] = (loss, trainer._metrics["train"]["triplet/dist_pos"][0])
     assert results[True] == pytest.approx(results[False], rel=1e-6)
+
+
+def test_static_cache_failure_says_how_to_turn_it_off(tmp_path, tiny_tok, tiny_llama, pairs_dataset):
+    args = make_config(tmp_path, gamma=0.1, anchor_static_cache=True)
+    trainer = TIDPOTrainer(
+        copy.deepcopy(tiny_llama), args=args, train_dataset=pairs_dataset, processing_class=tiny_tok
+    )
+    batch = _first_batch(trainer)
+    trainer.model.train()
+
+    def broken_generate(*_args, **_kwargs):  # fault injection: a model whose generate cannot run
+        raise RuntimeError("static cache unsupported by this model")
+
+    trainer.model.generate = broken_generate
+    with pytest.raises(RuntimeError, match="unsupported") as info:
+        trainer.compute_loss(trainer.model, batch)
+    assert any("anchor_static_cache=False" in note for note in getattr(info.value, "__notes__", []))

@@ -368,20 +368,28 @@ class TIDPOTrainer(Trainer):
     def _sample(self, model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
         args, tokenizer = self.args, self.processing_class
         policy = self.accelerator.unwrap_model(model)
-        return sample_completion_ids(
-            policy,
-            prompt_ids,
-            prompt_mask.long(),
-            max_new_tokens=args.anchor_max_new_tokens,
-            temperature=args.anchor_temperature,
-            top_k=args.anchor_top_k,
-            top_p=args.anchor_top_p,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            static_cache=self._anchor_cache(policy, prompt_ids)
-            if self._anchor_static_cache(prompt_ids)
-            else None,
-        )
+        static = self._anchor_static_cache(prompt_ids)
+        try:
+            return sample_completion_ids(
+                policy,
+                prompt_ids,
+                prompt_mask.long(),
+                max_new_tokens=args.anchor_max_new_tokens,
+                temperature=args.anchor_temperature,
+                top_k=args.anchor_top_k,
+                top_p=args.anchor_top_p,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+                static_cache=self._anchor_cache(policy, prompt_ids) if static else None,
+            )
+        except Exception as err:
+            if static and hasattr(err, "add_note"):  # same exception, one more line in its message
+                err.add_note(
+                    "tidpo: anchors were decoded with a static KV cache (anchor_static_cache, compiled on "
+                    "CUDA); if this model does not support static caches or torch.compile, set "
+                    "anchor_static_cache=False."
+                )
+            raise
 
     def _anchor_static_cache(self, prompt_ids: torch.Tensor) -> bool:
         if self.args.anchor_static_cache is not None:
