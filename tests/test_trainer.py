@@ -339,18 +339,33 @@ def test_invalid_config_raises_naming_the_option(tmp_path, option, value):
         TIDPOConfig(output_dir=str(tmp_path), **{option: value})
 
 
-def test_static_cache_anchors_give_the_same_step(tmp_path, tiny_tok, tiny_llama, pairs_dataset):
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_static_cache_anchors_give_the_same_step(
+    tmp_path, tiny_tok, tiny_llama, pairs_dataset, checkpointing
+):
     """Anchors decoded into the kept static cache (what CUDA runs use by default) are the dynamic
-    cache's anchors: same loss and triplet metrics on the same batch, and the cache is reused."""
+    cache's anchors: same loss and triplet metrics on the same batch, and the cache is reused; also
+    with gradient checkpointing (sampling runs in eval mode, the cache still applies)."""
     results = {}
     for static in (False, True):
-        args = make_config(tmp_path, gamma=0.1, tdpo_alpha=0.5, anchor_static_cache=static)
+        args = make_config(
+            tmp_path,
+            gamma=0.1,
+            tdpo_alpha=0.5,
+            anchor_static_cache=static,
+            gradient_checkpointing=checkpointing,
+        )
         trainer = TIDPOTrainer(
             copy.deepcopy(tiny_llama), args=args, train_dataset=pairs_dataset, processing_class=tiny_tok
         )
         with torch.no_grad():
             for p in trainer.model.parameters():
                 p.add_(0.05 * torch.randn_like(p, generator=torch.Generator().manual_seed(2)))
+        if checkpointing:  # what Trainer.train() does with gradient_checkpointing=True
+            trainer.model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+            assert trainer.model.is_gradient_checkpointing
         trainer.model.train()
         batch = _first_batch(trainer)
         loss = trainer.compute_loss(trainer.model, batch).item()
