@@ -221,5 +221,7 @@ def test_static_cache_gives_the_dynamic_cache_samples_and_is_reused(model, tok):
     assert cache.layers[0].keys is keys, "the cache's tensors must be kept across calls"
     with pytest.raises(ValueError, match="fewer than"):
         sample_completion_ids(model, ids, mask, max_new_tokens=40, static_cache=cache)
+    with pytest.raises(ValueError, match="built for 2 rows"):
+        sample_completion_ids(model, ids[:1], mask[:1], max_new_tokens=3, static_cache=cache)
     with pytest.raises(ValueError, match="num_return_sequences=1"):
         sample_completion_ids(model, ids, mask, max_new_tokens=3, static_cache=cache, num_return_sequences=2)

@@ -185,6 +185,12 @@ def sample_completion_ids(
             )
         if num_return_sequences > 1:
             raise ValueError("static_cache is for one sample per prompt (num_return_sequences=1)")
+        rows = getattr(static_cache.layers[0], "batch_size", None)  # set when first used
+        if rows is not None and rows != prompt_input_ids.shape[0]:
+            raise ValueError(
+                f"static_cache was built for {rows} rows, the prompts have {prompt_input_ids.shape[0]}: "
+                "use one cache per batch size"
+            )
         static_cache.reset()
     config = _generation_config(
         max_new_tokens=max_new_tokens,
