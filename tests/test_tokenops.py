@@ -217,6 +217,33 @@ def test_logprobs_and_kl_equals_the_three_separate_ops(batch, chunk):
     torch.testing.assert_close(fused_in.grad, sep_in.grad, atol=1e-5, rtol=1e-5)
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    b=st.integers(1, 3),
+    t=st.integers(2, 6),
+    v=st.integers(2, 9),
+    chunk=st.integers(1, 20),
+    seed=st.integers(0, 2**16),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+)
+def test_logprobs_and_kl_property(b, t, v, chunk, seed, dtype):
+    # Any shapes, masks, chunk sizes and (b)f16 logits: the fused outputs are the naive float64
+    # log-softmax gathers and KL at masked positions, exactly 0 elsewhere, and the KL is >= 0.
+    gen = torch.Generator().manual_seed(seed)
+    pol = (torch.randn(b, t, v, generator=gen) * 3).to(dtype)
+    ref = (torch.randn(b, t, v, generator=gen) * 3).to(dtype)
+    ids = torch.randint(0, v, (b, t), generator=gen)
+    mask = torch.randint(0, 2, (b, t), generator=gen)
+    lp, rp, kl = logprobs_and_kl(pol, ref, ids, mask, chunk_size=chunk)
+    m = mask.double()
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(lp.double(), naive_token_logprobs(pol.float(), ids) * m, **tol)
+    torch.testing.assert_close(rp.double(), naive_token_logprobs(ref.float(), ids) * m, **tol)
+    torch.testing.assert_close(kl.double(), naive_kl(ref.float(), pol.float()) * m, **tol)
+    assert bool((kl >= -1e-5).all())
+    assert bool((lp[mask == 0] == 0).all()) and bool((kl[mask == 0] == 0).all())
+
+
 def test_logprobs_and_kl_hand_computed_and_gradcheck():
     # Position 1 of the hand example of test_sequential_kl_hand_computed, with token 1 as the label:
     # log p_theta(1) = log 3/4, log p_ref(1) = log 1/2.
