@@ -93,7 +93,7 @@ class Entry:
     peak_bytes: int | None = None
     losses: list[float] = field(default_factory=list)
     anchor_times: list[float] = field(default_factory=list)  # seconds sampling anchors, per measured step
-    _anchor_clock: list[float] = field(default_factory=lambda: [0.0])  # accumulated during one step
+    anchor_clock: float = 0.0  # seconds sampling anchors, accumulated during the current step
 
 
 def time_anchor_sampling(entry: Entry, device: str) -> None:
@@ -110,7 +110,7 @@ def time_anchor_sampling(entry: Entry, device: str) -> None:
             return sample(*a, **kw)
         finally:
             _sync(device)
-            entry._anchor_clock[0] += time.perf_counter() - start
+            entry.anchor_clock += time.perf_counter() - start
 
     trainer._sample_anchors = timed
 
@@ -535,12 +535,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for round_index in range(args.warmup + args.steps):
             cells = []
             for entry in entries.values():
-                entry._anchor_clock[0] = 0.0
+                entry.anchor_clock = 0.0
                 elapsed, cpu = timed_step(entry, args.device)
                 if round_index >= args.warmup:
                     entry.times.append(elapsed)
                     entry.cpu_times.append(cpu)
-                    entry.anchor_times.append(entry._anchor_clock[0])
+                    entry.anchor_times.append(entry.anchor_clock)
                 cells.append(f"{entry.name} {elapsed:.2f}s wall/{cpu:.2f}s cpu")
             tag = "warm-up" if round_index < args.warmup else f"step {round_index - args.warmup + 1}"
             print(f"{tag:>8}: " + ", ".join(cells), flush=True)

@@ -529,12 +529,7 @@ class TIDPOTrainer(Trainer):
             if joint:
                 a_logits = outputs.logits[n_rows:]
             else:
-                a_logits = model(
-                    input_ids=a_ids,
-                    attention_mask=a_attn,
-                    position_ids=_position_ids(a_attn),
-                    use_cache=False,
-                ).logits
+                a_logits = self._policy_forward(model, a_ids, a_attn, fused=False)[0].logits
 
         if fused:
             # Eq. 5-6 target: the largest logit at each pair row's last valid position. Taken from the
@@ -656,16 +651,15 @@ class TIDPOTrainer(Trainer):
 
         metrics: dict[str, float] = {}
         if args.uses_triplet:
-            a_lr, a_mask = a_logratios, a_cmask
             b, b_mask = pack_to_response_start(c_lr, c_mask)
             c, c_mask_p = pack_to_response_start(r_lr, r_mask)
-            d, d_mask = pack_to_response_start(a_lr, a_mask)
+            d, d_mask = pack_to_response_start(a_logratios, a_cmask)
             triplet = triplet_terms(d, d_mask, b, b_mask, c, c_mask_p, args.triplet_margin)
             loss = loss + args.gamma * triplet.loss.mean()
             metrics["triplet/loss"] = self._gather_mean(triplet.loss)
             metrics["triplet/dist_pos"] = self._gather_mean(triplet.dist_pos)
             metrics["triplet/dist_neg"] = self._gather_mean(triplet.dist_neg)
-            metrics["anchor/length"] = self._gather_mean(a_mask.sum(1).float())
+            metrics["anchor/length"] = self._gather_mean(a_cmask.sum(1).float())
         check_finite("loss", loss.detach().reshape(1), step=step)
 
         metrics.update(
