@@ -139,7 +139,8 @@ def test_fused_and_separate_attribution_agree(
 ):
     """The fused attribution (one backward on the training forward) gives the separate pass's loss and
     parameter gradients, with and without gradient checkpointing. With ``full`` (KL + triplet) the two
-    also take the two anchor layouts: own forward (fused) and joined to the pairs' forward (separate)."""
+    also take the two full-row anchor layouts: own forward (fused) and joined to the pairs' forward
+    (separate); the prompt-cache layout is compared with both in tests/test_prompt_cache.py."""
     results = {}
     for attribution_pass in ("fused", "separate"):
         args = make_config(
@@ -148,6 +149,7 @@ def test_fused_and_separate_attribution_agree(
             gamma=0.1 if full else 0.0,
             tdpo_alpha=0.5 if full else 0.0,
             gradient_checkpointing=checkpointing,
+            anchor_prompt_cache=False,
         )
         model = copy.deepcopy(tiny_llama)
         trainer = TIDPOTrainer(model, args=args, train_dataset=pairs_dataset, processing_class=tiny_tok)

@@ -14,7 +14,6 @@ with the model in ``eval()`` mode, and put the model's previous mode back afterw
 from __future__ import annotations
 
 import contextlib
-import inspect
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Union
 
@@ -27,7 +26,7 @@ from transformers import (
     StaticCache,
 )
 
-from tidpo.models import ensure_pad_token
+from tidpo.models import cache_kwarg, ensure_pad_token
 
 Message = Mapping[str, Any]
 Prompt = Union[str, Sequence[Message]]  # noqa: UP007 (runtime alias on py3.10)
@@ -213,7 +212,7 @@ def sample_completion_ids(
             ids = ids.repeat_interleave(num_return_sequences, dim=0)
             mask = mask.repeat_interleave(num_return_sequences, dim=0)
         cache = static_cache if static_cache is not None else cache
-        extra = {} if cache is None else {_cache_kwarg(model): cache}
+        extra = {} if cache is None else {cache_kwarg(model): cache}
         out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config, **extra)
     sequences = out if isinstance(out, torch.Tensor) else out.sequences
     return sequences[:, prompt_input_ids.shape[1] :]
@@ -224,13 +223,6 @@ def _can_share_prefill(model: torch.nn.Module, mask: torch.Tensor) -> bool:
     # only when every prompt keeps a real token in the shared part (an all-padding row would attend
     # to nothing).
     return isinstance(model, PreTrainedModel) and mask.shape[1] >= 2 and bool((mask[:, :-1].sum(1) > 0).all())
-
-
-def _cache_kwarg(model: torch.nn.Module) -> str:
-    # transformers 5.2x renamed `past_key_values` to `cache` (the old name warns); support both. A PEFT
-    # wrapper's forward takes **kwargs: ask the transformers model inside.
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
 
 
 def anchor_cache(model: torch.nn.Module, max_cache_len: int) -> StaticCache:
@@ -260,7 +252,7 @@ def _shared_prefill(model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tenso
         attention_mask=head_mask,
         position_ids=position_ids,
         use_cache=True,
-        **{_cache_kwarg(model): cache},
+        **{cache_kwarg(model): cache},
     )
     cache.batch_repeat_interleave(k)
     return cache

@@ -82,6 +82,14 @@ class TIDPOConfig(TrainingArguments):
             first step (and each new batch size) pays the compilation, tens of seconds. `None`: on for
             CUDA without parameter sharding (single GPU, DDP); off on CPU (decoding is bound by memory
             bandwidth there; no gain) and under DeepSpeed ZeRO / FSDP (weights gathered into new buffers).
+        anchor_prompt_cache (`bool` or `None`, defaults to `None`):
+            Forward only the anchor `y_a` and let it attend to the prompt's keys and values from the chosen
+            row's forward (`tidpo.prompt_cache`), instead of forwarding `prompt + y_a` again: same loss and
+            gradients, without the prompt's share of the anchors' policy forward, backward and reference
+            forward. `None`: on where it applies (architectures whose equality the tests check: Llama,
+            Mistral, Qwen2/3, Gemma, Phi-3, GPT-2 without sliding windows; no gradient checkpointing, no
+            DeepSpeed ZeRO / FSDP, no precomputed reference log-probs), full rows otherwise. `True` raises
+            an error saying why where it does not apply.
 
         > Data
 
@@ -139,6 +147,10 @@ class TIDPOConfig(TrainingArguments):
     anchor_static_cache: bool | None = field(
         default=None,
         metadata={"help": "Static KV cache + compiled decoding for anchors (None = auto: CUDA)."},
+    )
+    anchor_prompt_cache: bool | None = field(
+        default=None,
+        metadata={"help": "Anchors' forward reuses the prompt's keys/values of the pair rows (None = auto)."},
     )
 
     max_length: int | None = field(default=256, metadata={"help": "Longest prompt + response (tokens)."})

@@ -3,7 +3,8 @@
 One training step (paper Algorithm 1):
 1. batch of pairs -> one concatenated policy forward over chosen and rejected; when gamma > 0, anchors
    sampled from the policy (a kept static KV cache on CUDA, compiled by transformers) get their own
-   forward under the fused attribution, or join the pairs' forward otherwise;
+   forward over the anchor tokens only, reading the prompts' keys/values from the pairs' forward
+   (`tidpo.prompt_cache`), or over full prompt + anchor rows where that does not apply;
 2. token importance by gradient attribution (Eq. 5-6): by default taken from the pairs' forward with
    one backward to the input embeddings ("fused"), or from a separate eval-mode pass;
 3. hybrid weights (Eq. 7-8), detached;
@@ -33,10 +34,12 @@ from tidpo.data import ROW_ID_COLUMN, PreferenceCollator, prepare_preference_dat
 from tidpo.generation import anchor_cache, sample_completion_ids
 from tidpo.importance import attribution_from_targets, importance_weights
 from tidpo.losses import dpo_loss, ipo_loss, simpo_loss, triplet_terms, weighted_preference_loss
-from tidpo.models import ensure_pad_token, load_causal_lm, load_tokenizer
+from tidpo.models import cache_kwarg, ensure_pad_token, load_causal_lm, load_tokenizer
+from tidpo.prompt_cache import PromptKV, continuation_inputs, prompt_cache_unsupported
 from tidpo.tokenops import (
     NonFiniteError,
     check_finite,
+    label_logprobs,
     logprobs_and_kl,
     pack_to_response_start,
     token_logprobs,
@@ -322,13 +325,22 @@ class TIDPOTrainer(Trainer):
 
     # ------------------------------------------------------------------ model pieces
 
-    def _reference_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def _reference_logits(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        cache: Any = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         kwargs = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
-            "position_ids": _position_ids(attention_mask),
-            "use_cache": False,
+            "position_ids": _position_ids(attention_mask) if position_ids is None else position_ids,
+            "use_cache": cache is not None,
         }
+        if cache is not None:
+            ref = self.ref_model if self.ref_model is not None else self.model
+            kwargs[cache_kwarg(self.accelerator.unwrap_model(ref))] = cache
         with torch.no_grad():
             if self.ref_model is not None:
                 return self.ref_model(**kwargs).logits
@@ -339,7 +351,8 @@ class TIDPOTrainer(Trainer):
     def _sample_anchors(self, model: nn.Module, inputs: dict[str, torch.Tensor]):
         """Sample one response per prompt from the current policy (spec section 5), no gradient.
 
-        Returns right-padded prompt+anchor rows: (input_ids, attention_mask, completion_mask).
+        Returns the sampled ids ``[B, N]``: row ``b`` continues prompt ``b``, up to ``N`` tokens; positions
+        after a row's first EOS are padding (:meth:`_anchor_valid`).
         """
         args = self.args
         prompt_ids, prompt_mask = inputs["prompt_input_ids"], inputs["prompt_attention_mask"].bool()
@@ -363,7 +376,7 @@ class TIDPOTrainer(Trainer):
                         f"probabilities are not finite ({err})."
                     ) from err
                 raise
-        return self._anchor_rows(prompt_ids, prompt_mask, completion)
+        return completion
 
     def _sample(self, model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
         args, tokenizer = self.args, self.processing_class
@@ -418,11 +431,15 @@ class TIDPOTrainer(Trainer):
             cache = self._anchor_caches[batch] = anchor_cache(policy, size)
         return cache
 
+    def _anchor_valid(self, completion: torch.Tensor) -> torch.Tensor:
+        """The anchor's tokens up to and including its first EOS (bool, ``[B, N]``, a prefix of each row)."""
+        is_eos = (completion == self.processing_class.eos_token_id).long()
+        return (is_eos.cumsum(1) - is_eos) == 0
+
     def _anchor_rows(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion: torch.Tensor):
+        """Right-padded prompt + anchor rows: (input_ids, attention_mask, completion_mask)."""
         tokenizer = self.processing_class
-        # Keep the completion up to and including its first EOS.
-        is_eos = completion == tokenizer.eos_token_id
-        completion_valid = (is_eos.long().cumsum(1) - is_eos.long()) == 0
+        completion_valid = self._anchor_valid(completion)
         ids = torch.cat([prompt_ids, completion], dim=1)
         valid = torch.cat([prompt_mask, completion_valid], dim=1)
         is_completion = torch.cat([torch.zeros_like(prompt_mask), completion_valid], dim=1)
@@ -432,6 +449,48 @@ class TIDPOTrainer(Trainer):
         ids = ids.masked_fill(~valid, tokenizer.pad_token_id)
         width = int(valid.sum(1).max())
         return ids[:, :width], valid[:, :width].long(), is_completion[:, :width]
+
+    def _anchor_layout(self, model: nn.Module, inputs: dict[str, torch.Tensor], fused: bool) -> str:
+        """How the anchors enter the step's forwards (see `_compute_loss`)."""
+        setting = self.args.anchor_prompt_cache
+        if setting is not False:
+            reason = self._prompt_cache_unsupported(model, inputs)
+            if reason is None:
+                return "prompt_cache"
+            if setting:
+                raise ValueError(
+                    f"anchor_prompt_cache=True, but the anchors cannot reuse the prompts' keys/values: {reason}. "
+                    "Set anchor_prompt_cache=None (auto) or False."
+                )
+        return "split" if fused else "joint"
+
+    def _prompt_cache_unsupported(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> str | None:
+        if "ref_logps" in inputs:
+            return "the reference log-probs are precomputed, so no reference forward over the prompts runs"
+        if not fused_attribution_supported(self.accelerator):
+            return "DeepSpeed / FSDP (the anchors join the pairs' forward, one parameter gather)"
+        for label, candidate in (("policy", model), ("reference", self.ref_model)):
+            if candidate is not None:
+                reason = prompt_cache_unsupported(self.accelerator.unwrap_model(candidate))
+                if reason is not None:
+                    return f"the {label}: {reason}"
+        # The chosen rows must start with exactly the prompts the anchors were sampled from (true for
+        # PreferenceCollator batches; a custom data_collator might differ).
+        prompts, prompt_mask = inputs["prompt_input_ids"], inputs["prompt_attention_mask"]
+        n_pairs, width = prompts.shape
+        lengths = prompt_mask.sum(1)
+        if int(lengths.min()) < 1:
+            return "a prompt is empty (its first anchor token has no prompt position to be predicted from)"
+        chosen = inputs["input_ids"][:n_pairs]
+        starts = inputs["completion_mask"][:n_pairs].long().argmax(1)
+        cols = min(width, chosen.size(1))
+        j = torch.arange(cols, device=prompts.device)[None]
+        # Column j of a right-padded prompt is column j + width - length of the left-padded one.
+        left = prompts.gather(1, (j + width - lengths[:, None]).clamp(max=width - 1))
+        same = (chosen[:, :cols] == left) | (j >= lengths[:, None])
+        if not (bool(same.all()) and torch.equal(starts, lengths) and int(lengths.max()) <= cols):
+            return "the chosen rows do not start with the sampled prompts (a custom data_collator?)"
+        return None
 
     # ------------------------------------------------------------------ the loss
 
@@ -455,7 +514,15 @@ class TIDPOTrainer(Trainer):
             self._metrics[mode]["nonfinite/skipped"].append(float(self._nonfinite_skipped))
         return (loss, {}) if return_outputs else loss
 
-    def _policy_forward(self, model: nn.Module, ids: torch.Tensor, attn: torch.Tensor, fused: bool):
+    def _policy_forward(
+        self,
+        model: nn.Module,
+        ids: torch.Tensor,
+        attn: torch.Tensor,
+        fused: bool,
+        cache: Any = None,
+        position_ids: torch.Tensor | None = None,
+    ):
         """Policy forward through the (wrapped) model; returns (outputs, input embeddings or None).
 
         The input embeddings are captured through a hook, so the forward still goes through the wrapped
@@ -475,9 +542,10 @@ class TIDPOTrainer(Trainer):
             outputs = model(
                 input_ids=ids,
                 attention_mask=attn,
-                position_ids=_position_ids(attn),
-                use_cache=False,
+                position_ids=_position_ids(attn) if position_ids is None else position_ids,
+                use_cache=cache is not None,
                 output_hidden_states=fused,
+                **({} if cache is None else {cache_kwarg(self.accelerator.unwrap_model(model)): cache}),
             )
         finally:
             if handle is not None:
@@ -503,33 +571,50 @@ class TIDPOTrainer(Trainer):
         if args.uses_attribution and not fused:
             scores = separate_attribution(model, self.accelerator, ids, attn)
 
-        # Anchors (spec section 5). With the fused attribution they get their own forward, so the
-        # attribution backward runs over the pair rows only (the anchors need no weights). Otherwise they
-        # join the pairs' forward (one forward, and one parameter gather under ZeRO-3 / FSDP).
-        a_ids = a_attn = a_cmask = None
-        joint = False
+        # Anchors (spec section 5), in one of three layouts (`_anchor_layout`):
+        # - "prompt_cache": their own forward over the anchor tokens only, attending to the prompts' keys
+        #   and values captured from the pairs' forward (tidpo.prompt_cache); the first anchor token is
+        #   predicted at the prompt's last position of the chosen row;
+        # - "split": their own forward over prompt + anchor rows (so the fused attribution's backward
+        #   covers the pair rows only, as in "prompt_cache": the anchors need no weights);
+        # - "joint": prompt + anchor rows joined to the pairs' forward (one parameter gather under
+        #   ZeRO-3 / FSDP, where the attribution is a separate pass anyway).
+        a_ids = a_attn = a_cmask = a_pos = None
+        layout = None
+        capture = ref_capture = None
         if args.uses_triplet:
-            a_ids, a_attn, a_cmask = self._sample_anchors(model, inputs)
-            joint = not fused
-            if joint:
-                full = max(width, a_ids.size(1))
-                ids, attn, cmask = (
-                    _pad_to(ids, full, pad),
-                    _pad_to(attn, full, 0),
-                    _pad_to(cmask, full, False),
+            completion = self._sample_anchors(model, inputs)
+            layout = self._anchor_layout(model, inputs, fused)
+            if layout == "prompt_cache":
+                prompt_lengths = inputs["prompt_attention_mask"].sum(1)
+                prefix_len = int(prompt_lengths.max())
+                a_ids, a_cmask = completion, self._anchor_valid(completion)
+                a_attn, a_pos = continuation_inputs(prompt_lengths, prefix_len, a_cmask)
+                capture = PromptKV(self.accelerator.unwrap_model(model), n_pairs, prefix_len)
+                ref = self.ref_model if self.ref_model is not None else model  # LoRA: adapters disabled
+                ref_capture = PromptKV(self.accelerator.unwrap_model(ref), n_pairs, prefix_len)
+            else:
+                a_ids, a_attn, a_cmask = self._anchor_rows(
+                    inputs["prompt_input_ids"], inputs["prompt_attention_mask"].bool(), completion
                 )
-                a_ids, a_attn = _pad_to(a_ids, full, pad), _pad_to(a_attn, full, 0)
-                a_cmask = _pad_to(a_cmask, full, False)
+        joint = layout == "joint"
+        if joint:
+            full = max(width, a_ids.size(1))
+            ids, attn, cmask = _pad_to(ids, full, pad), _pad_to(attn, full, 0), _pad_to(cmask, full, False)
+            a_ids, a_attn = _pad_to(a_ids, full, pad), _pad_to(a_attn, full, 0)
+            a_cmask = _pad_to(a_cmask, full, False)
 
         fwd_ids, fwd_attn = (torch.cat([ids, a_ids]), torch.cat([attn, a_attn])) if joint else (ids, attn)
-        outputs, embeds = self._policy_forward(model, fwd_ids, fwd_attn, fused)
+        outputs, embeds = self._policy_forward(model, fwd_ids, fwd_attn, fused, cache=capture)
         logits = outputs.logits[:n_rows]  # a view: first-dimension slices of contiguous logits stay so
         a_logits = None
-        if args.uses_triplet:
-            if joint:
-                a_logits = outputs.logits[n_rows:]
-            else:
-                a_logits = self._policy_forward(model, a_ids, a_attn, fused=False)[0].logits
+        if joint:
+            a_logits = outputs.logits[n_rows:]
+        elif layout is not None:
+            cont = capture.continuation() if capture is not None else None
+            a_logits = self._policy_forward(model, a_ids, a_attn, False, cache=cont, position_ids=a_pos)[
+                0
+            ].logits
 
         if fused:
             # Eq. 5-6 target: the largest logit at each pair row's last valid position. Taken from the
@@ -556,9 +641,10 @@ class TIDPOTrainer(Trainer):
                 ref_logits, a_ref_logits = both[:n_rows], both[n_rows:]
             else:
                 if not cached or args.uses_sequential_kl:
-                    ref_logits = self._reference_logits(ids, attn)
+                    ref_logits = self._reference_logits(ids, attn, cache=ref_capture)
                 if args.uses_triplet:
-                    a_ref_logits = self._reference_logits(a_ids, a_attn)
+                    cont = ref_capture.continuation() if ref_capture is not None else None
+                    a_ref_logits = self._reference_logits(a_ids, a_attn, cache=cont, position_ids=a_pos)
         kl = None
         if args.uses_sequential_kl:
             policy_logps, ref_logps, kl = logprobs_and_kl(logits, ref_logits, ids, cmask, chunk_size=chunk)
@@ -584,13 +670,20 @@ class TIDPOTrainer(Trainer):
         a_logratios = None
         if args.uses_triplet:
             a_logps = token_logprobs(a_logits, a_ids, chunk_size=chunk, mask=a_cmask)
+            a_ref = token_logprobs(a_ref_logits, a_ids, chunk_size=chunk, mask=a_cmask)
+            if layout == "prompt_cache":
+                # Token 0 of the anchor is predicted at the prompt's last position, in the chosen rows.
+                rows, at = torch.arange(n_pairs, device=ids.device), prompt_lengths - 1
+                first = label_logprobs(logits[rows, at], a_ids[:, 0], chunk)
+                first_ref = label_logprobs(ref_logits[rows, at], a_ids[:, 0], chunk)
+                a_logps = torch.cat([first[:, None], a_logps[:, 1:]], dim=1)
+                a_ref = torch.cat([first_ref[:, None], a_ref[:, 1:]], dim=1)
             check_finite(
                 "anchor log-probs",
                 a_logps.masked_fill(~a_cmask, 0.0),
                 rows=_repeat_rows(pair_ids, a_ids.size(0)),
                 step=step,
             )
-            a_ref = token_logprobs(a_ref_logits, a_ids, chunk_size=chunk, mask=a_cmask)
             a_logratios = (a_logps - a_ref) * a_cmask
 
         span = cmask if args.importance_span == "response" else attn.bool()

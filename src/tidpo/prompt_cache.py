@@ -1,0 +1,110 @@
+"""The anchors' forward reads the prompt's keys and values from the pair rows' forward (a speed path).
+
+An anchor row is ``prompt + y_a`` and its chosen row is ``prompt + y_w`` (spec §5: anchors are sampled
+for the same prompt). In a causal LM the keys and values at the prompt's positions depend on the prompt
+alone, so the anchors' forward does not need to recompute them: :class:`PromptKV`, passed as the cache
+of the pair rows' forward, keeps the chosen rows' prompt keys and values (views, no copy), and the
+anchors' forward then runs over ``y_a`` only, attending to them. It is the same computation as
+forwarding ``prompt + y_a`` (the triplet term's gradient reaches the prompt through the pair rows'
+graph), minus the prompt's share of every anchor row in the policy forward, its backward and the
+reference forward.
+
+It needs a model whose cache is a plain key/value store per layer, and layers that see the cache
+(gradient checkpointing drops it); :func:`prompt_cache_unsupported` says why not otherwise, and the
+trainer then forwards full ``prompt + y_a`` rows instead.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicLayer
+
+__all__ = ["PromptKV", "continuation_inputs", "prompt_cache_unsupported"]
+
+# Architectures whose equality with the full-row forward the test suite checks on tiny random models
+# (tests/test_prompt_cache.py); others may work but are not trusted blindly.
+CHECKED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "gpt2")
+
+
+def _inner(model: torch.nn.Module) -> torch.nn.Module:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def prompt_cache_unsupported(model: torch.nn.Module) -> str | None:
+    """Why the anchors cannot reuse the pair rows' prompt keys/values on ``model``; None when they can."""
+    inner = _inner(model)
+    if not isinstance(inner, PreTrainedModel):
+        return f"{type(inner).__name__} is not a transformers model"
+    config = inner.config.get_text_config(decoder=True)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in CHECKED_MODEL_TYPES:
+        return f"model_type {model_type!r} is not among the checked architectures {CHECKED_MODEL_TYPES}"
+    if inner.config.is_encoder_decoder or getattr(config, "add_cross_attention", False):
+        return "encoder-decoder / cross-attention models keep two caches"
+    peft_config = getattr(model, "peft_config", None)
+    if peft_config and any(getattr(c, "is_prompt_learning", False) for c in peft_config.values()):
+        return "prompt-learning adapters use the cache themselves"
+    # transformers 5.2x renamed is_gradient_checkpointing (the old name warns).
+    flag = next(
+        (f for f in ("is_activation_checkpointing", "is_gradient_checkpointing") if hasattr(inner, f)), None
+    )
+    if flag is not None and getattr(inner, flag) and inner.training:
+        return "gradient checkpointing drops the cache inside the checkpointed layers"
+    layers = DynamicCache(config=config).layers
+    if not layers or any(type(layer) is not DynamicLayer for layer in layers):
+        kinds = sorted({type(layer).__name__ for layer in layers})
+        return f"its cache layers are {kinds}, not plain key/value layers (sliding window, linear attention)"
+    return None
+
+
+class _PromptLayer(DynamicLayer):
+    """Keeps a view of the first ``length`` positions of rows ``:rows``; caches nothing for attention."""
+
+    def __init__(self, rows: int, length: int):
+        super().__init__()
+        self.rows, self.length = rows, length
+        self.prompt: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        self.prompt = (key_states[: self.rows, :, : self.length], value_states[: self.rows, :, : self.length])
+        return key_states, value_states  # the forward attends to its own keys only, as without a cache
+
+    def get_seq_length(self) -> int:
+        return 0  # no past: positions and masks of the pair rows' forward are unchanged
+
+
+class PromptKV(Cache):
+    """Cache argument for the pair rows' forward that captures the prompts' keys and values.
+
+    Args:
+        model: the (PEFT-wrapped or bare) transformers model the forward runs; sets the layer count.
+        rows: the first ``rows`` rows of the batch hold the prompts (the chosen rows).
+        length: positions to keep, the longest prompt.
+    """
+
+    def __init__(self, model: torch.nn.Module, rows: int, length: int):
+        config = _inner(model).config.get_text_config(decoder=True)
+        n_layers = len(DynamicCache(config=config).layers)
+        super().__init__(layers=[_PromptLayer(rows, length) for _ in range(n_layers)])
+
+    def continuation(self) -> DynamicCache:
+        """A cache holding the captured prompts, for a forward that continues them (keeps the graph)."""
+        missing = [i for i, layer in enumerate(self.layers) if layer.prompt is None]
+        if missing:
+            raise RuntimeError(
+                f"tidpo: the model did not pass layers {missing} through the cache, so the anchors cannot "
+                "reuse the prompts' keys and values; set anchor_prompt_cache=False."
+            )
+        return DynamicCache(ddp_cache_data=[layer.prompt for layer in self.layers])
+
+
+def continuation_inputs(
+    prompt_lengths: torch.Tensor, prefix_len: int, completion_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention mask ``[B, prefix_len + N]`` and position ids ``[B, N]`` for ``N`` tokens continuing
+    right-padded prompts of ``prompt_lengths`` (row ``b``'s prompt is ``prefix[b, :prompt_lengths[b]]``)."""
+    prefix = torch.arange(prefix_len, device=completion_mask.device)[None] < prompt_lengths[:, None]
+    attention_mask = torch.cat([prefix.long(), completion_mask.long()], dim=1)
+    steps = torch.arange(completion_mask.shape[1], device=completion_mask.device)[None]
+    return attention_mask, prompt_lengths[:, None] + steps

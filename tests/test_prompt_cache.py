@@ -1,0 +1,240 @@
+"""The anchors' prompt-cache path (tidpo.prompt_cache) computes what full prompt + anchor rows compute."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma2Config,
+    GemmaConfig,
+    GPT2Config,
+    GPTNeoXConfig,
+    LlamaConfig,
+    MistralConfig,
+    Phi3Config,
+    Qwen2Config,
+    Qwen3Config,
+)
+
+from tidpo import TIDPOTrainer
+from tidpo.prompt_cache import CHECKED_MODEL_TYPES, PromptKV, continuation_inputs, prompt_cache_unsupported
+from tiny_setup import make_config
+
+VOCAB = 96
+_COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    pad_token_id=0,
+)
+CONFIGS = {
+    "llama": lambda: LlamaConfig(**_COMMON),
+    "mistral": lambda: MistralConfig(**_COMMON, sliding_window=None),
+    "qwen2": lambda: Qwen2Config(**_COMMON),
+    "qwen3": lambda: Qwen3Config(**_COMMON, head_dim=8),
+    "gemma": lambda: GemmaConfig(**_COMMON, head_dim=8),
+    "phi3": lambda: Phi3Config(**_COMMON),
+    "gpt2": lambda: GPT2Config(
+        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, pad_token_id=0
+    ),
+}
+
+
+def build(config):
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()  # eval: no dropout, gradients still flow
+
+
+def test_every_checked_architecture_has_a_test():
+    assert set(CONFIGS) == set(CHECKED_MODEL_TYPES)
+
+
+def test_continuation_inputs_by_hand():
+    attn, pos = continuation_inputs(torch.tensor([2, 3]), 3, torch.tensor([[1, 1, 0], [1, 1, 1]]))
+    assert attn.tolist() == [[1, 1, 0, 1, 1, 0], [1, 1, 1, 1, 1, 1]]
+    assert pos.tolist() == [[2, 3, 4], [3, 4, 5]]
+
+
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
+def test_continuing_captured_prompts_equals_the_full_rows(arch):
+    """Logits of y_a after the captured prompt = logits of the full prompt + y_a rows, and the parameter
+    gradients of a loss on them agree, with prompts of different lengths and padded anchors."""
+    model = build(CONFIGS[arch]())
+    assert prompt_cache_unsupported(model) is None
+    gen = torch.Generator().manual_seed(1)
+    n, width, new = 3, 10, 5
+    lengths = torch.tensor([6, 3, 5])
+    # Pair rows (chosen 0..n-1, rejected n..2n-1): right-padded prompt + response.
+    ids = torch.randint(1, VOCAB, (2 * n, width), generator=gen)
+    attn = torch.ones_like(ids)
+    attn[1, 8:] = 0
+    attn[4, 7:] = 0
+    anchor = torch.randint(1, VOCAB, (n, new), generator=gen)
+    valid = torch.ones(n, new, dtype=torch.long)
+    valid[2, 3:] = 0
+    weight = torch.randn(n, new, VOCAB, generator=gen)
+
+    def pair_positions(mask):
+        return (mask.cumsum(1) - 1).clamp(min=0)
+
+    # Prompt-cache path.
+    model.zero_grad()
+    capture = PromptKV(model, n, int(lengths.max()))
+    model(
+        input_ids=ids, attention_mask=attn, position_ids=pair_positions(attn), cache=capture, use_cache=True
+    )
+    a_attn, a_pos = continuation_inputs(lengths, int(lengths.max()), valid)
+    fast = model(
+        input_ids=anchor,
+        attention_mask=a_attn,
+        position_ids=a_pos,
+        cache=capture.continuation(),
+        use_cache=True,
+    ).logits
+    ((fast * weight).sum(-1) * valid).sum().backward()
+    fast_grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    # Full rows: prompt_b + anchor_b, right-padded.
+    model.zero_grad()
+    full = torch.zeros(n, int(lengths.max()) + new, dtype=torch.long)
+    full_attn = torch.zeros_like(full)
+    for b in range(n):
+        p = int(lengths[b])
+        full[b, :p], full[b, p : p + new] = ids[b, :p], anchor[b]
+        full_attn[b, :p], full_attn[b, p : p + new] = 1, valid[b]
+    slow_all = model(input_ids=full, attention_mask=full_attn, position_ids=pair_positions(full_attn)).logits
+    slow = torch.stack([slow_all[b, int(lengths[b]) : int(lengths[b]) + new] for b in range(n)])
+    ((slow * weight).sum(-1) * valid).sum().backward()
+
+    keep = valid.bool()
+    torch.testing.assert_close(fast[keep], slow[keep], rtol=1e-5, atol=1e-5)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(fast_grads[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_unsupported_models_say_why():
+    sliding = build(Gemma2Config(**_COMMON, head_dim=8, sliding_window=4))
+    assert "sliding" in prompt_cache_unsupported(sliding).lower() or "gemma2" in prompt_cache_unsupported(
+        sliding
+    )
+    windowed = build(MistralConfig(**_COMMON, sliding_window=4))
+    assert "Sliding" in prompt_cache_unsupported(windowed)
+    other = build(GPTNeoXConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4))
+    assert "gpt_neox" in prompt_cache_unsupported(other)
+    checkpointed = build(CONFIGS["llama"]())
+    checkpointed.gradient_checkpointing_enable()
+    checkpointed.train()
+    assert "gradient checkpointing" in prompt_cache_unsupported(checkpointed)
+
+
+def test_a_layer_that_skipped_the_cache_is_an_error():
+    model = build(CONFIGS["llama"]())
+    capture = PromptKV(model, 1, 2)  # no forward ran through it
+    with pytest.raises(RuntimeError, match="anchor_prompt_cache=False"):
+        capture.continuation()
+
+
+# ----------------------------------------------------------------------------- through the trainer
+
+
+def _step(trainer):
+    """Loss, parameter gradients and triplet metrics of one compute_loss on the first batch, plus the
+    anchor layout it used."""
+    layouts = []
+    choose = trainer._anchor_layout
+
+    def record(*args, **kwargs):
+        layouts.append(choose(*args, **kwargs))
+        return layouts[-1]
+
+    trainer._anchor_layout = record
+    with torch.no_grad():
+        for p in trainer.model.parameters():
+            p.add_(0.05 * torch.randn_like(p, generator=torch.Generator().manual_seed(2)))
+    trainer.model.train()
+    trainer.model.zero_grad()
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    metrics = {k: v[-1] for k, v in trainer._metrics["train"].items() if k.startswith(("triplet", "anchor"))}
+    return loss.item(), grads, metrics, layouts
+
+
+@pytest.mark.parametrize(
+    ("attribution_pass", "slow_layout", "lora"),
+    [("fused", "split", False), ("separate", "joint", False), ("fused", "split", True)],
+)
+def test_trainer_step_equals_the_full_row_layouts(
+    tmp_path, tiny_tok, tiny_llama, pairs_dataset, attribution_pass, slow_layout, lora
+):
+    """Full TI-DPO (KL + a live triplet term): the prompt-cache layout gives the loss, gradients and
+    triplet metrics of the full-row layouts it replaces; under LoRA the reference side (adapters
+    disabled) takes the same path."""
+    results = {}
+    for setting in (None, False):
+        args = make_config(
+            tmp_path,
+            attribution_pass=attribution_pass,
+            gamma=0.1,
+            tdpo_alpha=0.5,
+            anchor_prompt_cache=setting,
+        )
+        peft_config = None
+        if lora:
+            from peft import LoraConfig
+
+            peft_config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+        trainer = TIDPOTrainer(
+            copy.deepcopy(tiny_llama),
+            args=args,
+            train_dataset=pairs_dataset,
+            processing_class=tiny_tok,
+            peft_config=peft_config,
+        )
+        results[setting] = _step(trainer)
+    fast, slow = results[None], results[False]
+    assert fast[3] == ["prompt_cache"] and slow[3] == [slow_layout]
+    assert fast[2]["triplet/loss"] > 0  # the anchors' path matters for the loss
+    assert fast[0] == pytest.approx(slow[0], rel=1e-5)
+    assert fast[2] == pytest.approx(slow[2], rel=1e-4)
+    assert fast[1].keys() == slow[1].keys()
+    for name in fast[1]:
+        torch.testing.assert_close(fast[1][name], slow[1][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_trainer_falls_back_where_the_cache_cannot_serve(tmp_path, tiny_tok, tiny_llama, pairs_dataset):
+    # Gradient checkpointing drops the cache: auto uses full rows, True explains.
+    for setting in (None, True):
+        args = make_config(tmp_path, gamma=0.1, anchor_prompt_cache=setting, gradient_checkpointing=True)
+        trainer = TIDPOTrainer(
+            copy.deepcopy(tiny_llama), args=args, train_dataset=pairs_dataset, processing_class=tiny_tok
+        )
+        trainer.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if setting is None:
+            assert _step(trainer)[3] == ["split"]
+        else:
+            with pytest.raises(ValueError, match=r"anchor_prompt_cache=True.*gradient checkpointing"):
+                _step(trainer)
+
+
+def test_trainer_refuses_prompts_that_do_not_start_the_chosen_rows(
+    tmp_path, tiny_tok, tiny_llama, pairs_dataset
+):
+    args = make_config(tmp_path, gamma=0.1)
+    trainer = TIDPOTrainer(
+        copy.deepcopy(tiny_llama), args=args, train_dataset=pairs_dataset, processing_class=tiny_tok
+    )
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    assert trainer._prompt_cache_unsupported(trainer.model, batch) is None
+    changed = dict(batch, prompt_input_ids=batch["prompt_input_ids"].clone())
+    changed["prompt_input_ids"][0, -1] += 1
+    assert "do not start with" in trainer._prompt_cache_unsupported(trainer.model, changed)
+    assert "precomputed" in trainer._prompt_cache_unsupported(trainer.model, dict(batch, ref_logps=None))
