@@ -78,6 +78,16 @@ CONFIGS: dict[str, tuple[dict[str, Any] | None, str]] = {
         {"loss_type": "ti_dpo", "gamma": 0.1, "tdpo_alpha": 0.5, "attribution_pass": "fused"},
         "full TI-DPO: KL + triplet, 64-token anchors",
     ),
+    "ti_full_rows": (
+        {
+            "loss_type": "ti_dpo",
+            "gamma": 0.1,
+            "tdpo_alpha": 0.5,
+            "attribution_pass": "fused",
+            "anchor_prompt_cache": False,
+        },
+        "full TI-DPO, anchors forwarded as full prompt + anchor rows",
+    ),
 }
 
 

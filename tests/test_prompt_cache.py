@@ -62,11 +62,15 @@ def test_continuation_inputs_by_hand():
     assert pos.tolist() == [[2, 3, 4], [3, 4, 5]]
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
 @pytest.mark.parametrize("arch", sorted(CONFIGS))
-def test_continuing_captured_prompts_equals_the_full_rows(arch):
+def test_continuing_captured_prompts_equals_the_full_rows(arch, attention):
     """Logits of y_a after the captured prompt = logits of the full prompt + y_a rows, and the parameter
     gradients of a loss on them agree, with prompts of different lengths and padded anchors."""
-    model = build(CONFIGS[arch]())
+    config = CONFIGS[arch]()
+    config._attn_implementation = attention
+    model = build(config)
+    assert model.config._attn_implementation == attention
     assert prompt_cache_unsupported(model) is None
     gen = torch.Generator().manual_seed(1)
     n, width, new = 3, 10, 5
@@ -128,6 +132,9 @@ def test_unsupported_models_say_why():
     assert "Sliding" in prompt_cache_unsupported(windowed)
     other = build(GPTNeoXConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4))
     assert "gpt_neox" in prompt_cache_unsupported(other)
+    flash = build(CONFIGS["llama"]())
+    flash.config._attn_implementation = "flash_attention_2"
+    assert "flash_attention_2" in prompt_cache_unsupported(flash)
     checkpointed = build(CONFIGS["llama"]())
     checkpointed.gradient_checkpointing_enable()
     checkpointed.train()

@@ -3,8 +3,8 @@
 An anchor row is ``prompt + y_a`` and its chosen row is ``prompt + y_w`` (spec §5: anchors are sampled
 for the same prompt). In a causal LM the keys and values at the prompt's positions depend on the prompt
 alone, so the anchors' forward does not need to recompute them: :class:`PromptKV`, passed as the cache
-of the pair rows' forward, keeps the chosen rows' prompt keys and values (views, no copy), and the
-anchors' forward then runs over ``y_a`` only, attending to them. It is the same computation as
+of the pair rows' forward, keeps the chosen rows' prompt keys and values, and the anchors' forward
+then runs over ``y_a`` only, attending to them. It is the same computation as
 forwarding ``prompt + y_a`` (the triplet term's gradient reaches the prompt through the pair rows'
 graph), minus the prompt's share of every anchor row in the policy forward, its backward and the
 reference forward.
@@ -25,6 +25,8 @@ __all__ = ["PromptKV", "continuation_inputs", "prompt_cache_unsupported"]
 # Architectures whose equality with the full-row forward the test suite checks on tiny random models
 # (tests/test_prompt_cache.py); others may work but are not trusted blindly.
 CHECKED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "gpt2")
+# Attention kernels those tests run (flash-attention needs a GPU the suite does not have).
+CHECKED_ATTENTION = ("sdpa", "eager")
 
 
 def _inner(model: torch.nn.Module) -> torch.nn.Module:
@@ -40,6 +42,9 @@ def prompt_cache_unsupported(model: torch.nn.Module) -> str | None:
     model_type = getattr(config, "model_type", None)
     if model_type not in CHECKED_MODEL_TYPES:
         return f"model_type {model_type!r} is not among the checked architectures {CHECKED_MODEL_TYPES}"
+    attention = getattr(inner.config, "_attn_implementation", None)
+    if attention not in CHECKED_ATTENTION:
+        return f"attn_implementation {attention!r} is not among the checked ones {CHECKED_ATTENTION}"
     if inner.config.is_encoder_decoder or getattr(config, "add_cross_attention", False):
         return "encoder-decoder / cross-attention models keep two caches"
     peft_config = getattr(model, "peft_config", None)
@@ -59,7 +64,7 @@ def prompt_cache_unsupported(model: torch.nn.Module) -> str | None:
 
 
 class _PromptLayer(DynamicLayer):
-    """Keeps a view of the first ``length`` positions of rows ``:rows``; caches nothing for attention."""
+    """Keeps the first ``length`` positions of rows ``:rows``; caches nothing for attention."""
 
     def __init__(self, rows: int, length: int):
         super().__init__()
@@ -67,7 +72,11 @@ class _PromptLayer(DynamicLayer):
         self.prompt: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        self.prompt = (key_states[: self.rows, :, : self.length], value_states[: self.rows, :, : self.length])
+        prompt = (key_states[: self.rows, :, : self.length], value_states[: self.rows, :, : self.length])
+        if not key_states.requires_grad:
+            # No graph keeps the full tensors alive (reference forward): copy the slice so they can go.
+            prompt = (prompt[0].clone(), prompt[1].clone())
+        self.prompt = prompt
         return key_states, value_states  # the forward attends to its own keys only, as without a cache
 
     def get_seq_length(self) -> int:
@@ -75,7 +84,8 @@ class _PromptLayer(DynamicLayer):
 
 
 class PromptKV(Cache):
-    """Cache argument for the pair rows' forward that captures the prompts' keys and values.
+    """Cache argument for the pair rows' forward that captures the prompts' keys and values (views of
+    the tensors the backward keeps anyway; copies of the slices when there is no graph).
 
     Args:
         model: the (PEFT-wrapped or bare) transformers model the forward runs; sets the layer count.
