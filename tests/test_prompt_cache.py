@@ -217,7 +217,9 @@ def test_trainer_step_equals_the_full_row_layouts(
         torch.testing.assert_close(fast[1][name], slow[1][name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_trainer_falls_back_where_the_cache_cannot_serve(tmp_path, tiny_tok, tiny_llama, pairs_dataset):
+def test_trainer_falls_back_where_the_cache_cannot_serve(
+    tmp_path, tiny_tok, tiny_llama, pairs_dataset, caplog
+):
     # Gradient checkpointing drops the cache: auto uses full rows, True explains.
     for setting in (None, True):
         args = make_config(tmp_path, gamma=0.1, anchor_prompt_cache=setting, gradient_checkpointing=True)
@@ -226,7 +228,9 @@ def test_trainer_falls_back_where_the_cache_cannot_serve(tmp_path, tiny_tok, tin
         )
         trainer.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if setting is None:
-            assert _step(trainer)[3] == ["split"]
+            with caplog.at_level("INFO", logger="tidpo.training.trainer"):
+                assert _step(trainer)[3] == ["split"]
+            assert "no prompt cache" in caplog.text and "gradient checkpointing" in caplog.text
         else:
             with pytest.raises(ValueError, match=r"anchor_prompt_cache=True.*gradient checkpointing"):
                 _step(trainer)

@@ -29,6 +29,7 @@ from datasets import Dataset
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, StaticCache, Trainer, TrainerCallback
 from transformers.trainer_utils import set_seed
+from transformers.utils import logging
 
 from tidpo.data import ROW_ID_COLUMN, PreferenceCollator, prepare_preference_dataset
 from tidpo.generation import anchor_cache, sample_completion_ids
@@ -57,6 +58,8 @@ from tidpo.training.distributed import (
     unwrapped_for_generation,
     zero_stage,
 )
+
+logger = logging.get_logger(__name__)
 
 
 def _is_peft_model(model: nn.Module) -> bool:
@@ -236,6 +239,7 @@ class TIDPOTrainer(Trainer):
         }
         self._nonfinite_skipped = 0
         self._anchor_caches: dict[int, StaticCache] = {}  # batch size -> static KV cache for anchors
+        self._prompt_cache_reasons: set[str] = set()  # why anchor_prompt_cache fell back, logged once each
 
         # Sharded like the policy under ZeRO-3 / FSDP, a device replica otherwise (distributed.py).
         self.ref_model = (
@@ -462,6 +466,9 @@ class TIDPOTrainer(Trainer):
                     f"anchor_prompt_cache=True, but the anchors cannot reuse the prompts' keys/values: {reason}. "
                     "Set anchor_prompt_cache=None (auto) or False."
                 )
+            if reason not in self._prompt_cache_reasons:  # once per reason, not every step
+                self._prompt_cache_reasons.add(reason)
+                logger.info(f"tidpo: anchors forward full prompt + anchor rows (no prompt cache): {reason}.")
         return "split" if fused else "joint"
 
     def _prompt_cache_unsupported(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> str | None:
