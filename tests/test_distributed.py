@@ -195,7 +195,7 @@ def test_lora_with_gradient_checkpointing_fused_matches_separate(
     from peft import LoraConfig
 
     from tidpo import TIDPOTrainer
-    from tiny_setup import make_config
+    from tiny_setup import make_config, train_loss_and_grads
 
     results = {}
     for attribution_pass in ("fused", "separate"):
@@ -220,13 +220,7 @@ def test_lora_with_gradient_checkpointing_fused_matches_separate(
                 if "lora_B" in name:
                     p.add_(0.05 * torch.randn_like(p, generator=torch.Generator().manual_seed(4)))
         trainer.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        trainer.model.train()
-        trainer.model.zero_grad()
-        batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
-        loss = trainer.compute_loss(trainer.model, batch)
-        loss.backward()
-        grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
-        results[attribution_pass] = (loss.item(), grads)
+        results[attribution_pass] = train_loss_and_grads(trainer)
         if attribution_pass == "fused":
             base = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_" not in n}
             lora_before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_" in n}

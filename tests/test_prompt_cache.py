@@ -21,7 +21,7 @@ from transformers import (
 
 from tidpo import TIDPOTrainer
 from tidpo.prompt_cache import CHECKED_MODEL_TYPES, PromptKV, continuation_inputs, prompt_cache_unsupported
-from tiny_setup import make_config
+from tiny_setup import make_config, train_loss_and_grads
 
 VOCAB = 96
 _COMMON = dict(
@@ -165,14 +165,9 @@ def _step(trainer):
     with torch.no_grad():
         for p in trainer.model.parameters():
             p.add_(0.05 * torch.randn_like(p, generator=torch.Generator().manual_seed(2)))
-    trainer.model.train()
-    trainer.model.zero_grad()
-    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
-    loss = trainer.compute_loss(trainer.model, batch)
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    loss, grads = train_loss_and_grads(trainer)
     metrics = {k: v[-1] for k, v in trainer._metrics["train"].items() if k.startswith(("triplet", "anchor"))}
-    return loss.item(), grads, metrics, layouts
+    return loss, grads, metrics, layouts
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ from transformers import TrainerCallback
 
 from tidpo import TIDPOConfig, TIDPOTrainer
 from tidpo.models import tiny_causal_lm
-from tiny_setup import make_config
+from tiny_setup import make_config, train_loss_and_grads
 
 TRAIN_KEYS = (
     "loss",
@@ -160,12 +160,8 @@ def test_fused_and_separate_attribution_agree(
             trainer.model.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False}
             )
-        trainer.model.train()
-        trainer.model.zero_grad()
-        loss = trainer.compute_loss(trainer.model, _first_batch(trainer))
-        loss.backward()
-        grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
-        results[attribution_pass] = (loss.item(), grads, trainer._metrics["train"]["weights/std"][-1])
+        loss, grads = train_loss_and_grads(trainer)
+        results[attribution_pass] = (loss, grads, trainer._metrics["train"]["weights/std"][-1])
         if full:  # the triplet term is live (not a zero hinge), so the anchors' path is compared too
             assert trainer._metrics["train"]["triplet/loss"][-1] > 0
             assert trainer._metrics["train"]["kl/rejected"][-1] > 0

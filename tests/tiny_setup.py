@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from tidpo import TIDPOConfig
 
 
@@ -27,3 +29,14 @@ def make_config(tmp_path: Path, **overrides) -> TIDPOConfig:
     )
     base.update(overrides)
     return TIDPOConfig(**base)
+
+
+def train_loss_and_grads(trainer) -> tuple[float, dict[str, torch.Tensor]]:
+    """One training-mode ``compute_loss`` + backward on the trainer's first batch: (loss, parameter grads)."""
+    trainer.model.train()
+    trainer.model.zero_grad()
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    return loss.item(), grads
