@@ -46,7 +46,10 @@ RUNS = {
         optim="sgd",
         learning_rate=0.1,
     ),
-    "full": dict(gamma=0.1, tdpo_alpha=0.5, anchor_max_new_tokens=6, learning_rate=1e-2),
+    # anchor_prompt_cache=True: the anchors must take the prompt-cache path under DDP (else an error).
+    "full": dict(
+        gamma=0.1, tdpo_alpha=0.5, anchor_max_new_tokens=6, learning_rate=1e-2, anchor_prompt_cache=True
+    ),
     "lora": dict(
         gamma=0.1,
         tdpo_alpha=0.5,
