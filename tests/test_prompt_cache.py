@@ -6,6 +6,8 @@ import copy
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from transformers import (
     AutoModelForCausalLM,
     Gemma2Config,
@@ -20,7 +22,14 @@ from transformers import (
 )
 
 from tidpo import TIDPOTrainer
-from tidpo.prompt_cache import CHECKED_MODEL_TYPES, PromptKV, continuation_inputs, prompt_cache_unsupported
+from tidpo.data import PreferenceCollator
+from tidpo.prompt_cache import (
+    CHECKED_MODEL_TYPES,
+    PromptKV,
+    continuation_inputs,
+    prompt_cache_unsupported,
+    rows_start_with_prompts,
+)
 from tiny_setup import make_config, train_loss_and_grads
 
 VOCAB = 96
@@ -244,3 +253,42 @@ def test_trainer_refuses_prompts_that_do_not_start_the_chosen_rows(
     changed["prompt_input_ids"][0, -1] += 1
     assert "do not start with" in trainer._prompt_cache_unsupported(trainer.model, changed)
     assert "precomputed" in trainer._prompt_cache_unsupported(trainer.model, dict(batch, ref_logps=None))
+
+
+# ----------------------------------------------------------------------------- prompt / row alignment
+
+_rows = st.lists(
+    st.tuples(
+        st.lists(st.integers(4, 90), min_size=1, max_size=6),  # prompt
+        st.lists(st.integers(4, 90), min_size=1, max_size=5),  # chosen
+        st.lists(st.integers(4, 90), min_size=1, max_size=5),  # rejected
+    ),
+    min_size=1,
+    max_size=4,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=_rows, multiple=st.sampled_from([None, 4]), data=st.data())
+def test_collated_rows_start_with_their_prompts(rows, multiple, data):
+    """PreferenceCollator batches always pass the check the prompt cache relies on; changing one prompt
+    token, or where a completion starts, fails it."""
+    examples = [{"prompt_input_ids": p, "chosen_input_ids": c, "rejected_input_ids": r} for p, c, r in rows]
+    batch = PreferenceCollator(pad_token_id=1, pad_to_multiple_of=multiple)(examples)
+    n = len(rows)
+    args = (
+        batch["input_ids"][:n],
+        batch["completion_mask"][:n],
+        batch["prompt_input_ids"],
+        batch["prompt_attention_mask"],
+    )
+    assert rows_start_with_prompts(*args)
+
+    b = data.draw(st.integers(0, n - 1))
+    t = data.draw(st.integers(0, len(rows[b][0]) - 1))
+    prompts = batch["prompt_input_ids"].clone()
+    prompts[b, prompts.shape[1] - len(rows[b][0]) + t] = 99  # ids in the rows are < 91
+    assert not rows_start_with_prompts(args[0], args[1], prompts, args[3])
+    shifted = args[1].clone()
+    shifted[b] = torch.roll(shifted[b], 1)
+    assert not rows_start_with_prompts(args[0], shifted, args[2], args[3])

@@ -20,7 +20,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicLayer
 
-__all__ = ["PromptKV", "continuation_inputs", "prompt_cache_unsupported"]
+__all__ = ["PromptKV", "continuation_inputs", "prompt_cache_unsupported", "rows_start_with_prompts"]
 
 # Architectures whose equality with the full-row forward the test suite checks on tiny random models
 # (tests/test_prompt_cache.py); others may work but are not trusted blindly.
@@ -118,3 +118,22 @@ def continuation_inputs(
     attention_mask = torch.cat([prefix.long(), completion_mask.long()], dim=1)
     steps = torch.arange(completion_mask.shape[1], device=completion_mask.device)[None]
     return attention_mask, prompt_lengths[:, None] + steps
+
+
+def rows_start_with_prompts(
+    rows: torch.Tensor, completion_mask: torch.Tensor, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
+) -> bool:
+    """Whether each right-padded row ``b`` is prompt ``b`` (left-padded in ``prompt_ids``) followed by
+    its completion, which starts right after the prompt: what reusing the rows' prompt keys/values for
+    continuations sampled from ``prompt_ids`` requires."""
+    n, width = prompt_ids.shape
+    lengths = prompt_mask.sum(1)
+    if rows.shape[0] != n or int(lengths.max()) > rows.shape[1]:
+        return False
+    cols = min(width, rows.shape[1])
+    j = torch.arange(cols, device=rows.device)[None]
+    # Column j of a right-padded prompt is column j + width - length of the left-padded one.
+    left = prompt_ids.gather(1, (j + width - lengths[:, None]).clamp(max=width - 1))
+    same = (rows[:, :cols] == left) | (j >= lengths[:, None])
+    starts = completion_mask.long().argmax(1)
+    return bool(same.all()) and torch.equal(starts, lengths)

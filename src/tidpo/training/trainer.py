@@ -36,7 +36,12 @@ from tidpo.generation import anchor_cache, sample_completion_ids
 from tidpo.importance import attribution_from_targets, importance_weights
 from tidpo.losses import dpo_loss, ipo_loss, simpo_loss, triplet_terms, weighted_preference_loss
 from tidpo.models import cache_kwarg, ensure_pad_token, load_causal_lm, load_tokenizer
-from tidpo.prompt_cache import PromptKV, continuation_inputs, prompt_cache_unsupported
+from tidpo.prompt_cache import (
+    PromptKV,
+    continuation_inputs,
+    prompt_cache_unsupported,
+    rows_start_with_prompts,
+)
 from tidpo.tokenops import (
     NonFiniteError,
     check_finite,
@@ -483,19 +488,15 @@ class TIDPOTrainer(Trainer):
                     return f"the {label}: {reason}"
         # The chosen rows must start with exactly the prompts the anchors were sampled from (true for
         # PreferenceCollator batches; a custom data_collator might differ).
-        prompts, prompt_mask = inputs["prompt_input_ids"], inputs["prompt_attention_mask"]
-        n_pairs, width = prompts.shape
-        lengths = prompt_mask.sum(1)
-        if int(lengths.min()) < 1:
+        n_pairs = inputs["prompt_input_ids"].size(0)
+        if int(inputs["prompt_attention_mask"].sum(1).min()) < 1:
             return "a prompt is empty (its first anchor token has no prompt position to be predicted from)"
-        chosen = inputs["input_ids"][:n_pairs]
-        starts = inputs["completion_mask"][:n_pairs].long().argmax(1)
-        cols = min(width, chosen.size(1))
-        j = torch.arange(cols, device=prompts.device)[None]
-        # Column j of a right-padded prompt is column j + width - length of the left-padded one.
-        left = prompts.gather(1, (j + width - lengths[:, None]).clamp(max=width - 1))
-        same = (chosen[:, :cols] == left) | (j >= lengths[:, None])
-        if not (bool(same.all()) and torch.equal(starts, lengths) and int(lengths.max()) <= cols):
+        if not rows_start_with_prompts(
+            inputs["input_ids"][:n_pairs],
+            inputs["completion_mask"][:n_pairs],
+            inputs["prompt_input_ids"],
+            inputs["prompt_attention_mask"],
+        ):
             return "the chosen rows do not start with the sampled prompts (a custom data_collator?)"
         return None
 
