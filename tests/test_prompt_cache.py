@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -25,8 +26,10 @@ from tidpo import TIDPOTrainer
 from tidpo.data import PreferenceCollator
 from tidpo.prompt_cache import (
     CHECKED_MODEL_TYPES,
+    CHECKPOINTING_MODEL_TYPES,
     PromptKV,
     continuation_inputs,
+    keep_cache_when_checkpointing,
     prompt_cache_unsupported,
     rows_start_with_prompts,
 )
@@ -71,15 +74,26 @@ def test_continuation_inputs_by_hand():
     assert pos.tolist() == [[2, 3, 4], [3, 4, 5]]
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("mode", ["sdpa", "eager", "sdpa+checkpointing"])
 @pytest.mark.parametrize("arch", sorted(CONFIGS))
-def test_continuing_captured_prompts_equals_the_full_rows(arch, attention):
+def test_continuing_captured_prompts_equals_the_full_rows(arch, mode):
     """Logits of y_a after the captured prompt = logits of the full prompt + y_a rows, and the parameter
-    gradients of a loss on them agree, with prompts of different lengths and padded anchors."""
+    gradients of a loss on them agree, with prompts of different lengths and padded anchors; also with
+    (non-reentrant) gradient checkpointing, whose layers replay in the backward."""
+    attention, checkpointing = mode.split("+")[0], mode.endswith("checkpointing")
     config = CONFIGS[arch]()
     config._attn_implementation = attention
     model = build(config)
     assert model.config._attn_implementation == attention
+    if checkpointing:
+        for module in model.modules():  # train mode (checkpointing only acts there), without dropout
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        model.activation_checkpointing_enable({"use_reentrant": False})
+        model.train()
+        if arch not in CHECKPOINTING_MODEL_TYPES:
+            assert "gradient checkpointing" in prompt_cache_unsupported(model)
+            return
     assert prompt_cache_unsupported(model) is None
     gen = torch.Generator().manual_seed(1)
     n, width, new = 3, 10, 5
@@ -97,22 +111,32 @@ def test_continuing_captured_prompts_equals_the_full_rows(arch, attention):
     def pair_positions(mask):
         return (mask.cumsum(1) - 1).clamp(min=0)
 
-    # Prompt-cache path.
-    model.zero_grad()
-    capture = PromptKV(model, n, int(lengths.max()))
-    model(
-        input_ids=ids, attention_mask=attn, position_ids=pair_positions(attn), cache=capture, use_cache=True
-    )
-    a_attn, a_pos = continuation_inputs(lengths, int(lengths.max()), valid)
-    fast = model(
-        input_ids=anchor,
-        attention_mask=a_attn,
-        position_ids=a_pos,
-        cache=capture.continuation(),
-        use_cache=True,
-    ).logits
-    ((fast * weight).sum(-1) * valid).sum().backward()
-    fast_grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    def prompt_cache_path(keep_cache: bool):
+        model.zero_grad()
+        capture = PromptKV(model, n, int(lengths.max()))
+        a_attn, a_pos = continuation_inputs(lengths, int(lengths.max()), valid)
+        with keep_cache_when_checkpointing(model) if keep_cache else contextlib.nullcontext():
+            model(
+                input_ids=ids,
+                attention_mask=attn,
+                position_ids=pair_positions(attn),
+                cache=capture,
+                use_cache=True,
+            )
+            fast = model(
+                input_ids=anchor,
+                attention_mask=a_attn,
+                position_ids=a_pos,
+                cache=capture.continuation(),
+                use_cache=True,
+            ).logits
+        ((fast * weight).sum(-1) * valid).sum().backward()
+        return fast, {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    fast, fast_grads = prompt_cache_path(keep_cache=True)
+    if checkpointing:  # control: without letting the caches through, the layers drop them
+        with pytest.raises(RuntimeError, match="anchor_prompt_cache=False"):
+            prompt_cache_path(keep_cache=False)
 
     # Full rows: prompt_b + anchor_b, right-padded.
     model.zero_grad()
@@ -145,9 +169,9 @@ def test_unsupported_models_say_why():
     flash.config._attn_implementation = "flash_attention_2"
     assert "flash_attention_2" in prompt_cache_unsupported(flash)
     checkpointed = build(CONFIGS["llama"]())
-    checkpointed.gradient_checkpointing_enable()
+    checkpointed.activation_checkpointing_enable({"use_reentrant": True})
     checkpointed.train()
-    assert "gradient checkpointing" in prompt_cache_unsupported(checkpointed)
+    assert "reentrant" in prompt_cache_unsupported(checkpointed)
 
 
 def test_a_layer_that_skipped_the_cache_is_an_error():
@@ -180,15 +204,21 @@ def _step(trainer):
 
 
 @pytest.mark.parametrize(
-    ("attribution_pass", "slow_layout", "lora"),
-    [("fused", "split", False), ("separate", "joint", False), ("fused", "split", True)],
+    ("attribution_pass", "slow_layout", "lora", "checkpointing"),
+    [
+        ("fused", "split", False, False),
+        ("separate", "joint", False, False),
+        ("fused", "split", True, False),
+        ("fused", "split", False, True),
+        ("fused", "split", True, True),
+    ],
 )
 def test_trainer_step_equals_the_full_row_layouts(
-    tmp_path, tiny_tok, tiny_llama, pairs_dataset, attribution_pass, slow_layout, lora
+    tmp_path, tiny_tok, tiny_llama, pairs_dataset, attribution_pass, slow_layout, lora, checkpointing
 ):
     """Full TI-DPO (KL + a live triplet term): the prompt-cache layout gives the loss, gradients and
     triplet metrics of the full-row layouts it replaces; under LoRA the reference side (adapters
-    disabled) takes the same path."""
+    disabled) takes the same path; with (non-reentrant) gradient checkpointing too."""
     results = {}
     for setting in (None, False):
         args = make_config(
@@ -197,6 +227,7 @@ def test_trainer_step_equals_the_full_row_layouts(
             gamma=0.1,
             tdpo_alpha=0.5,
             anchor_prompt_cache=setting,
+            gradient_checkpointing=checkpointing,
         )
         peft_config = None
         if lora:
@@ -210,6 +241,10 @@ def test_trainer_step_equals_the_full_row_layouts(
             processing_class=tiny_tok,
             peft_config=peft_config,
         )
+        if checkpointing:  # what Trainer.train() does with gradient_checkpointing=True
+            trainer.model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
         results[setting] = _step(trainer)
     fast, slow = results[None], results[False]
     assert fast[3] == ["prompt_cache"] and slow[3] == [slow_layout]
@@ -224,19 +259,26 @@ def test_trainer_step_equals_the_full_row_layouts(
 def test_trainer_falls_back_where_the_cache_cannot_serve(
     tmp_path, tiny_tok, tiny_llama, pairs_dataset, caplog
 ):
-    # Gradient checkpointing drops the cache: auto uses full rows, True explains.
+    # Reentrant checkpointing runs the layers without a graph: auto uses full rows, True explains.
     for setting in (None, True):
-        args = make_config(tmp_path, gamma=0.1, anchor_prompt_cache=setting, gradient_checkpointing=True)
+        # (The fused attribution's autograd.grad refuses reentrant checkpointing itself: separate pass.)
+        args = make_config(
+            tmp_path,
+            gamma=0.1,
+            anchor_prompt_cache=setting,
+            gradient_checkpointing=True,
+            attribution_pass="separate",
+        )
         trainer = TIDPOTrainer(
             copy.deepcopy(tiny_llama), args=args, train_dataset=pairs_dataset, processing_class=tiny_tok
         )
-        trainer.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        trainer.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
         if setting is None:
             with caplog.at_level("INFO", logger="tidpo.training.trainer"):
-                assert _step(trainer)[3] == ["split"]
-            assert "no prompt cache" in caplog.text and "gradient checkpointing" in caplog.text
+                assert _step(trainer)[3] == ["joint"]
+            assert "no prompt cache" in caplog.text and "reentrant" in caplog.text
         else:
-            with pytest.raises(ValueError, match=r"anchor_prompt_cache=True.*gradient checkpointing"):
+            with pytest.raises(ValueError, match=r"anchor_prompt_cache=True.*reentrant"):
                 _step(trainer)
 
 

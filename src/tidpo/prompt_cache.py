@@ -9,22 +9,39 @@ forwarding ``prompt + y_a`` (the triplet term's gradient reaches the prompt thro
 graph), minus the prompt's share of every anchor row in the policy forward, its backward and the
 reference forward.
 
-It needs a model whose cache is a plain key/value store per layer, and layers that see the cache
-(gradient checkpointing drops it); :func:`prompt_cache_unsupported` says why not otherwise, and the
-trainer then forwards full ``prompt + y_a`` rows instead.
+It needs a model whose cache is a plain key/value store per layer; :func:`prompt_cache_unsupported`
+says why not otherwise, and the trainer then forwards full ``prompt + y_a`` rows instead. Under
+gradient checkpointing transformers' checkpointed layers drop the cache (a cache that is written
+would be written again when the backward replays the layer); both caches here only read or capture,
+so :func:`keep_cache_when_checkpointing` lets them through, which is exact for non-reentrant
+checkpointing (the replay sees the same keys); reentrant checkpointing runs the layers without a
+graph, so the captured keys would carry no gradient, and it is refused.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicLayer
+from transformers.modeling_layers import GradientCheckpointingLayer
 
-__all__ = ["PromptKV", "continuation_inputs", "prompt_cache_unsupported", "rows_start_with_prompts"]
+__all__ = [
+    "PromptKV",
+    "continuation_inputs",
+    "keep_cache_when_checkpointing",
+    "prompt_cache_unsupported",
+    "rows_start_with_prompts",
+]
 
 # Architectures whose equality with the full-row forward the test suite checks on tiny random models
 # (tests/test_prompt_cache.py); others may work but are not trusted blindly.
 CHECKED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "gpt2")
+# Of those, the ones whose models hand the cache to their checkpointed layers (GPT-2 withholds it under
+# gradient checkpointing), checked with non-reentrant checkpointing by the same tests.
+CHECKPOINTING_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3")
 # Attention kernels those tests run (flash-attention needs a GPU the suite does not have).
 CHECKED_ATTENTION = ("sdpa", "eager")
 
@@ -50,17 +67,50 @@ def prompt_cache_unsupported(model: torch.nn.Module) -> str | None:
     peft_config = getattr(model, "peft_config", None)
     if peft_config and any(getattr(c, "is_prompt_learning", False) for c in peft_config.values()):
         return "prompt-learning adapters use the cache themselves"
-    # transformers 5.2x renamed is_gradient_checkpointing (the old name warns).
-    flag = next(
-        (f for f in ("is_activation_checkpointing", "is_gradient_checkpointing") if hasattr(inner, f)), None
-    )
-    if flag is not None and getattr(inner, flag) and inner.training:
-        return "gradient checkpointing drops the cache inside the checkpointed layers"
+    checkpointed = _checkpointed_layers(inner) if inner.training else []
+    if checkpointed and model_type not in CHECKPOINTING_MODEL_TYPES:
+        return f"under gradient checkpointing model_type {model_type!r} does not pass a cache to its layers"
+    for layer in checkpointed:
+        if not hasattr(type(layer), "_can_checkpoint_with_cache"):
+            return "this transformers version's checkpointed layers cannot be told to keep a cache"
+        partial_kwargs = getattr(getattr(layer, "_gradient_checkpointing_func", None), "keywords", None) or {}
+        if partial_kwargs.get("use_reentrant") is not False:
+            return (
+                "reentrant gradient checkpointing runs the layers without a graph (the prompts' keys would get "
+                'no gradient); use gradient_checkpointing_kwargs={"use_reentrant": False}'
+            )
     layers = DynamicCache(config=config).layers
     if not layers or any(type(layer) is not DynamicLayer for layer in layers):
         kinds = sorted({type(layer).__name__ for layer in layers})
         return f"its cache layers are {kinds}, not plain key/value layers (sliding window, linear attention)"
     return None
+
+
+def _checkpointed_layers(model: torch.nn.Module) -> list[GradientCheckpointingLayer]:
+    return [
+        m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing
+    ]
+
+
+@contextlib.contextmanager
+def keep_cache_when_checkpointing(model: torch.nn.Module) -> Iterator[None]:
+    """Let :class:`PromptKV` and its continuation through transformers' checkpointed layers.
+
+    They never store what a replay would add twice (the capture overwrites, the continuation keeps
+    nothing), so a layer recomputed in the backward sees the keys of its first run.
+    """
+    layers = _checkpointed_layers(_inner(model))
+    before = [layer.__dict__.get("_can_checkpoint_with_cache") for layer in layers]
+    for layer in layers:
+        layer._can_checkpoint_with_cache = True
+    try:
+        yield
+    finally:
+        for layer, value in zip(layers, before, strict=True):
+            if value is None:
+                del layer._can_checkpoint_with_cache
+            else:
+                layer._can_checkpoint_with_cache = value
 
 
 class _PromptLayer(DynamicLayer):
@@ -98,7 +148,7 @@ class PromptKV(Cache):
         n_layers = len(DynamicCache(config=config).layers)
         super().__init__(layers=[_PromptLayer(rows, length) for _ in range(n_layers)])
 
-    def continuation(self) -> DynamicCache:
+    def continuation(self) -> Cache:
         """A cache holding the captured prompts, for a forward that continues them (keeps the graph)."""
         missing = [i for i, layer in enumerate(self.layers) if layer.prompt is None]
         if missing:
@@ -106,7 +156,24 @@ class PromptKV(Cache):
                 f"tidpo: the model did not pass layers {missing} through the cache, so the anchors cannot "
                 "reuse the prompts' keys and values; set anchor_prompt_cache=False."
             )
-        return DynamicCache(ddp_cache_data=[layer.prompt for layer in self.layers])
+        return Cache(layers=[_ContinuationLayer(*layer.prompt) for layer in self.layers])
+
+
+class _ContinuationLayer(DynamicLayer):
+    """Attends to a fixed prefix and the forward's own keys; stores nothing, so a forward replayed by
+    gradient checkpointing sees the same keys as its first run."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+        super().__init__()
+        self.prefix = (keys, values)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        return torch.cat([self.prefix[0], key_states], dim=-2), torch.cat(
+            [self.prefix[1], value_states], dim=-2
+        )
+
+    def get_seq_length(self) -> int:
+        return self.prefix[0].shape[-2]
 
 
 def continuation_inputs(

@@ -88,8 +88,9 @@ class TIDPOConfig(TrainingArguments):
             gradients, without the prompt's share of the anchors' policy forward, backward and reference
             forward. `None`: on where it applies (architectures whose equality the tests check: Llama,
             Mistral, Qwen2/3, Gemma, Phi-3, GPT-2 without sliding windows, with sdpa or eager attention;
-            no gradient checkpointing, no DeepSpeed ZeRO / FSDP, no precomputed reference log-probs), full
-            rows otherwise. `True` raises an error saying why where it does not apply.
+            with gradient checkpointing only non-reentrant, and not for GPT-2; no DeepSpeed ZeRO / FSDP,
+            no precomputed reference log-probs), full rows otherwise. `True` raises an error saying why
+            where it does not apply.
 
         > Data
 

@@ -19,6 +19,7 @@ models, batches and metrics around it.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import warnings
 from collections import defaultdict
@@ -39,6 +40,7 @@ from tidpo.models import cache_kwarg, ensure_pad_token, load_causal_lm, load_tok
 from tidpo.prompt_cache import (
     PromptKV,
     continuation_inputs,
+    keep_cache_when_checkpointing,
     prompt_cache_unsupported,
     rows_start_with_prompts,
 )
@@ -544,17 +546,24 @@ class TIDPOTrainer(Trainer):
             captured["embeds"] = output
             return output
 
-        embedding = self.accelerator.unwrap_model(model).get_input_embeddings()
+        bare = self.accelerator.unwrap_model(model)
+        embedding = bare.get_input_embeddings()
         handle = embedding.register_forward_hook(capture) if fused else None
+        extra = {}
+        if cache is not None:
+            extra[cache_kwarg(bare)] = cache
+        # The prompt caches only read or capture keys, so checkpointed layers may keep them (prompt_cache).
+        keep_cache = keep_cache_when_checkpointing(bare) if cache is not None else contextlib.nullcontext()
         try:
-            outputs = model(
-                input_ids=ids,
-                attention_mask=attn,
-                position_ids=_position_ids(attn) if position_ids is None else position_ids,
-                use_cache=cache is not None,
-                output_hidden_states=fused,
-                **({} if cache is None else {cache_kwarg(self.accelerator.unwrap_model(model)): cache}),
-            )
+            with keep_cache:
+                outputs = model(
+                    input_ids=ids,
+                    attention_mask=attn,
+                    position_ids=_position_ids(attn) if position_ids is None else position_ids,
+                    use_cache=cache is not None,
+                    output_hidden_states=fused,
+                    **extra,
+                )
         finally:
             if handle is not None:
                 handle.remove()
