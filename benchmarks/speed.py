@@ -292,6 +292,9 @@ def build_entry(name: str, args, models, rows, workdir: str) -> Entry:
             processing_class=tokenizer,
             peft_config=peft_config,
         )
+    if args.gradient_checkpointing:
+        # `Trainer.train()` turns it on; these steps run without train(), so do what it does.
+        trainer.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     trainer.create_optimizer()
     # Set by `Trainer.train()`'s loop, read by `training_step`: one micro-batch per optimizer step here.
     trainer.current_gradient_accumulation_steps = 1

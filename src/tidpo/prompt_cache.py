@@ -122,11 +122,12 @@ class _PromptLayer(DynamicLayer):
         self.prompt: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        prompt = (key_states[: self.rows, :, : self.length], value_states[: self.rows, :, : self.length])
-        if not key_states.requires_grad:
-            # No graph keeps the full tensors alive (reference forward): copy the slice so they can go.
-            prompt = (prompt[0].clone(), prompt[1].clone())
-        self.prompt = prompt
+        # A copy of the slice (differentiable), not a view: a view would keep every row's keys alive
+        # where nothing else does (reference forward, checkpointed layers).
+        self.prompt = (
+            key_states[: self.rows, :, : self.length].clone(),
+            value_states[: self.rows, :, : self.length].clone(),
+        )
         return key_states, value_states  # the forward attends to its own keys only, as without a cache
 
     def get_seq_length(self) -> int:
@@ -134,8 +135,7 @@ class _PromptLayer(DynamicLayer):
 
 
 class PromptKV(Cache):
-    """Cache argument for the pair rows' forward that captures the prompts' keys and values (views of
-    the tensors the backward keeps anyway; copies of the slices when there is no graph).
+    """Cache argument for the pair rows' forward that captures the prompts' keys and values.
 
     Args:
         model: the (PEFT-wrapped or bare) transformers model the forward runs; sets the layer count.
