@@ -218,9 +218,11 @@ def test_trainer_step_equals_the_full_row_layouts(
 ):
     """Full TI-DPO (KL + a live triplet term): the prompt-cache layout gives the loss, gradients and
     triplet metrics of the full-row layouts it replaces; under LoRA the reference side (adapters
-    disabled) takes the same path; with (non-reentrant) gradient checkpointing too."""
+    disabled) takes the same path; with (non-reentrant) gradient checkpointing too (opted in: auto
+    leaves it off there, see the next test)."""
     results = {}
-    for setting in (None, False):
+    fast_setting = True if checkpointing else None
+    for setting in (fast_setting, False):
         args = make_config(
             tmp_path,
             attribution_pass=attribution_pass,
@@ -246,7 +248,7 @@ def test_trainer_step_equals_the_full_row_layouts(
                 gradient_checkpointing_kwargs={"use_reentrant": False}
             )
         results[setting] = _step(trainer)
-    fast, slow = results[None], results[False]
+    fast, slow = results[fast_setting], results[False]
     assert fast[3] == ["prompt_cache"] and slow[3] == [slow_layout]
     assert fast[2]["triplet/loss"] > 0  # the anchors' path matters for the loss
     assert fast[0] == pytest.approx(slow[0], rel=1e-5)
@@ -259,6 +261,15 @@ def test_trainer_step_equals_the_full_row_layouts(
 def test_trainer_falls_back_where_the_cache_cannot_serve(
     tmp_path, tiny_tok, tiny_llama, pairs_dataset, caplog
 ):
+    # Checkpointing for memory: auto keeps full rows (the prompt cache would undo the memory saving).
+    args = make_config(tmp_path, gamma=0.1, gradient_checkpointing=True)
+    trainer = TIDPOTrainer(
+        copy.deepcopy(tiny_llama), args=args, train_dataset=pairs_dataset, processing_class=tiny_tok
+    )
+    trainer.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    with caplog.at_level("INFO", logger="tidpo.training.trainer"):
+        assert _step(trainer)[3] == ["split"]
+    assert "memory saving" in caplog.text
     # Reentrant checkpointing runs the layers without a graph: auto uses full rows, True explains.
     for setting in (None, True):
         # (The fused attribution's autograd.grad refuses reentrant checkpointing itself: separate pass.)

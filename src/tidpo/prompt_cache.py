@@ -30,6 +30,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 __all__ = [
     "PromptKV",
+    "checkpointing_in_use",
     "continuation_inputs",
     "keep_cache_when_checkpointing",
     "prompt_cache_unsupported",
@@ -90,6 +91,12 @@ def _checkpointed_layers(model: torch.nn.Module) -> list[GradientCheckpointingLa
     return [
         m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing
     ]
+
+
+def checkpointing_in_use(model: torch.nn.Module) -> bool:
+    """Whether a forward of ``model`` now would checkpoint its layers (enabled and training)."""
+    inner = _inner(model)
+    return inner.training and bool(_checkpointed_layers(inner))
 
 
 @contextlib.contextmanager

@@ -88,9 +88,11 @@ class TIDPOConfig(TrainingArguments):
             gradients, without the prompt's share of the anchors' policy forward, backward and reference
             forward. `None`: on where it applies (architectures whose equality the tests check: Llama,
             Mistral, Qwen2/3, Gemma, Phi-3, GPT-2 without sliding windows, with sdpa or eager attention;
-            with gradient checkpointing only non-reentrant, and not for GPT-2; no DeepSpeed ZeRO / FSDP,
-            no precomputed reference log-probs), full rows otherwise. `True` raises an error saying why
-            where it does not apply.
+            no DeepSpeed ZeRO / FSDP, no precomputed reference log-probs), full rows otherwise. Under
+            gradient checkpointing `None` keeps full rows: the anchors' gradient would make every
+            checkpointed pair layer's recomputed activations live at once (measured: peak memory 2.16x
+            DPO against 1.67x, for 5% less time); `True` opts in there (non-reentrant checkpointing, not
+            GPT-2). `True` raises an error saying why where it does not apply.
 
         > Data
 
