@@ -88,7 +88,19 @@ CONFIGS: dict[str, tuple[dict[str, Any] | None, str]] = {
         },
         "full TI-DPO, anchors forwarded as full prompt + anchor rows",
     ),
+    "ti_full_cache": (
+        {
+            "loss_type": "ti_dpo",
+            "gamma": 0.1,
+            "tdpo_alpha": 0.5,
+            "attribution_pass": "fused",
+            "anchor_prompt_cache": True,
+        },
+        "full TI-DPO, prompt cache forced (auto leaves it off under gradient checkpointing)",
+    ),
 }
+# ti_full_cache only differs from ti_full under gradient checkpointing: not run unless asked for.
+DEFAULT_CONFIGS = [name for name in CONFIGS if name != "ti_full_cache"]
 
 
 @dataclass
@@ -469,7 +481,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=128, help="longest prompt + response, in tokens")
     p.add_argument("--anchor-tokens", type=int, default=64, help="anchor_max_new_tokens of full TI-DPO")
     p.add_argument(
-        "--configs", default=",".join(CONFIGS), help="comma-separated subset of " + ",".join(CONFIGS)
+        "--configs", default=",".join(DEFAULT_CONFIGS), help="comma-separated subset of " + ",".join(CONFIGS)
     )
     p.add_argument("--lora-r", type=int, default=16, help="smollm2: LoRA rank (0 = full fine-tuning)")
     p.add_argument(
