@@ -26,7 +26,7 @@ from transformers import (
     StaticCache,
 )
 
-from tidpo.models import cache_kwarg, ensure_pad_token
+from tidpo.models import base_model, cache_kwarg, ensure_pad_token
 
 Message = Mapping[str, Any]
 Prompt = Union[str, Sequence[Message]]  # noqa: UP007 (runtime alias on py3.10)
@@ -232,8 +232,8 @@ def anchor_cache(model: torch.nn.Module, max_cache_len: int) -> StaticCache:
     values) and then kept, zeroed in place between calls, for as long as the caller keeps the object:
     fixed addresses are what the compiled decode step's CUDA graphs need. One cache per batch size.
     """
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return StaticCache(config=inner.config.get_text_config(decoder=True), max_cache_len=max_cache_len)
+    config = base_model(model).config.get_text_config(decoder=True)
+    return StaticCache(config=config, max_cache_len=max_cache_len)
 
 
 def _shared_prefill(model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor, k: int) -> DynamicCache:

@@ -28,12 +28,18 @@ EMBEDDED_MODELS["smollm2-135m-instruct"] = EMBEDDED_MODELS["smollm2-135m"]
 DEFAULT_MODEL = "smollm2-135m"
 
 
+def base_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside a PEFT wrapper (``model`` itself when it is not wrapped)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def cache_kwarg(model: torch.nn.Module) -> str:
     """Name of the KV-cache argument of ``model``'s forward: ``cache`` or ``past_key_values``."""
     # transformers 5.2x renamed `past_key_values` to `cache` (the old name warns); support both. A PEFT
     # wrapper's forward takes **kwargs: ask the transformers model inside.
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
+    return (
+        "cache" if "cache" in inspect.signature(base_model(model).forward).parameters else "past_key_values"
+    )
 
 
 def cache_dir() -> Path:

@@ -28,6 +28,8 @@ from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicLayer
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+from tidpo.models import base_model
+
 __all__ = [
     "PromptKV",
     "checkpointing_in_use",
@@ -47,13 +49,9 @@ CHECKPOINTING_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi
 CHECKED_ATTENTION = ("sdpa", "eager")
 
 
-def _inner(model: torch.nn.Module) -> torch.nn.Module:
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def prompt_cache_unsupported(model: torch.nn.Module) -> str | None:
     """Why the anchors cannot reuse the pair rows' prompt keys/values on ``model``; None when they can."""
-    inner = _inner(model)
+    inner = base_model(model)
     if not isinstance(inner, PreTrainedModel):
         return f"{type(inner).__name__} is not a transformers model"
     config = inner.config.get_text_config(decoder=True)
@@ -95,7 +93,7 @@ def _checkpointed_layers(model: torch.nn.Module) -> list[GradientCheckpointingLa
 
 def checkpointing_in_use(model: torch.nn.Module) -> bool:
     """Whether a forward of ``model`` now would checkpoint its layers (enabled and training)."""
-    inner = _inner(model)
+    inner = base_model(model)
     return inner.training and bool(_checkpointed_layers(inner))
 
 
@@ -106,7 +104,7 @@ def keep_cache_when_checkpointing(model: torch.nn.Module) -> Iterator[None]:
     They never store what a replay would add twice (the capture overwrites, the continuation keeps
     nothing), so a layer recomputed in the backward sees the keys of its first run.
     """
-    layers = _checkpointed_layers(_inner(model))
+    layers = _checkpointed_layers(base_model(model))
     before = [layer.__dict__.get("_can_checkpoint_with_cache") for layer in layers]
     for layer in layers:
         layer._can_checkpoint_with_cache = True
@@ -151,7 +149,7 @@ class PromptKV(Cache):
     """
 
     def __init__(self, model: torch.nn.Module, rows: int, length: int):
-        config = _inner(model).config.get_text_config(decoder=True)
+        config = base_model(model).config.get_text_config(decoder=True)
         n_layers = len(DynamicCache(config=config).layers)
         super().__init__(layers=[_PromptLayer(rows, length) for _ in range(n_layers)])
 

@@ -91,7 +91,7 @@ class TIDPOConfig(TrainingArguments):
             no DeepSpeed ZeRO / FSDP, no precomputed reference log-probs), full rows otherwise. Under
             gradient checkpointing `None` keeps full rows: the anchors' gradient would make every
             checkpointed pair layer's recomputed activations live at once (measured: peak memory 2.16x
-            DPO against 1.67x, for 5% less time); `True` opts in there (non-reentrant checkpointing, not
+            DPO against 1.67x, for 4-5% less time); `True` opts in there (non-reentrant checkpointing, not
             GPT-2). `True` raises an error saying why where it does not apply.
 
         > Data
