@@ -9,18 +9,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from transformers import (
-    AutoModelForCausalLM,
-    Gemma2Config,
-    GemmaConfig,
-    GPT2Config,
-    GPTNeoXConfig,
-    LlamaConfig,
-    MistralConfig,
-    Phi3Config,
-    Qwen2Config,
-    Qwen3Config,
-)
+from transformers import Gemma2Config, GPTNeoXConfig, MistralConfig
 
 from tidpo import TIDPOTrainer
 from tidpo.data import PreferenceCollator
@@ -33,35 +22,7 @@ from tidpo.prompt_cache import (
     prompt_cache_unsupported,
     rows_start_with_prompts,
 )
-from tiny_setup import make_config, train_loss_and_grads
-
-VOCAB = 96
-_COMMON = dict(
-    vocab_size=VOCAB,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-    pad_token_id=0,
-)
-CONFIGS = {
-    "llama": lambda: LlamaConfig(**_COMMON),
-    "mistral": lambda: MistralConfig(**_COMMON, sliding_window=None),
-    "qwen2": lambda: Qwen2Config(**_COMMON),
-    "qwen3": lambda: Qwen3Config(**_COMMON, head_dim=8),
-    "gemma": lambda: GemmaConfig(**_COMMON, head_dim=8),
-    "phi3": lambda: Phi3Config(**_COMMON),
-    "gpt2": lambda: GPT2Config(
-        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, pad_token_id=0
-    ),
-}
-
-
-def build(config):
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(config).eval()  # eval: no dropout, gradients still flow
+from tiny_setup import COMMON, CONFIGS, VOCAB, build, make_config, train_loss_and_grads
 
 
 def test_every_checked_architecture_has_a_test():
@@ -157,11 +118,11 @@ def test_continuing_captured_prompts_equals_the_full_rows(arch, mode):
 
 
 def test_unsupported_models_say_why():
-    sliding = build(Gemma2Config(**_COMMON, head_dim=8, sliding_window=4))
+    sliding = build(Gemma2Config(**COMMON, head_dim=8, sliding_window=4))
     assert "sliding" in prompt_cache_unsupported(sliding).lower() or "gemma2" in prompt_cache_unsupported(
         sliding
     )
-    windowed = build(MistralConfig(**_COMMON, sliding_window=4))
+    windowed = build(MistralConfig(**COMMON, sliding_window=4))
     assert "Sliding" in prompt_cache_unsupported(windowed)
     other = build(GPTNeoXConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4))
     assert "gpt_neox" in prompt_cache_unsupported(other)

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 from datasets import Dataset
-from transformers import TrainerCallback
+from transformers import StaticCache, TrainerCallback
 
 from tidpo import TIDPOConfig, TIDPOTrainer
 from tidpo.models import tiny_causal_lm
@@ -383,10 +383,14 @@ def test_static_cache_failure_says_how_to_turn_it_off(tmp_path, tiny_tok, tiny_l
     batch = _first_batch(trainer)
     trainer.model.train()
 
-    def broken_generate(*_args, **_kwargs):  # fault injection: a model whose generate cannot run
-        raise RuntimeError("static cache unsupported by this model")
+    forward = trainer.model.forward
 
-    trainer.model.generate = broken_generate
+    def no_static_cache(*args, **kwargs):  # fault injection: a model that cannot decode into a static cache
+        if any(isinstance(v, StaticCache) for v in kwargs.values()):
+            raise RuntimeError("static cache unsupported by this model")
+        return forward(*args, **kwargs)
+
+    trainer.model.forward = no_static_cache
     with pytest.raises(RuntimeError, match="unsupported") as info:
         trainer.compute_loss(trainer.model, batch)
     assert any("anchor_static_cache=False" in note for note in getattr(info.value, "__notes__", []))

@@ -5,6 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from transformers import (
+    AutoModelForCausalLM,
+    GemmaConfig,
+    GPT2Config,
+    LlamaConfig,
+    MistralConfig,
+    Phi3Config,
+    Qwen2Config,
+    Qwen3Config,
+)
 
 from tidpo import TIDPOConfig
 
@@ -40,3 +50,33 @@ def train_loss_and_grads(trainer) -> tuple[float, dict[str, torch.Tensor]]:
     loss.backward()
     grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
     return loss.item(), grads
+
+
+# One tiny random model per architecture the prompt cache and the decode loop are checked on.
+VOCAB = 96
+COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    pad_token_id=0,
+)
+CONFIGS = {
+    "llama": lambda: LlamaConfig(**COMMON),
+    "mistral": lambda: MistralConfig(**COMMON, sliding_window=None),
+    "qwen2": lambda: Qwen2Config(**COMMON),
+    "qwen3": lambda: Qwen3Config(**COMMON, head_dim=8),
+    "gemma": lambda: GemmaConfig(**COMMON, head_dim=8),
+    "phi3": lambda: Phi3Config(**COMMON),
+    "gpt2": lambda: GPT2Config(
+        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, pad_token_id=0
+    ),
+}
+
+
+def build(config):
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()  # eval: no dropout, gradients still flow

@@ -7,20 +7,22 @@ Two entry points:
 - :func:`sample_completion_ids` takes already LEFT-padded prompt ids and returns only the generated
   token ids. The trainer's anchor sampling (paper Sec. 4.3) uses it on batches from the collator.
 
-Both build on ``model.generate`` (KV cache, logits processors, stopping), run under ``torch.no_grad``
-with the model in ``eval()`` mode, and put the model's previous mode back afterwards.
+Both decode with a KV cache and the sampling rules of transformers' ``generate`` (temperature, top-k,
+top-p, stopping at EOS), run under ``torch.no_grad`` with the model in ``eval()`` mode, and put the
+model's previous mode back afterwards.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Union
 
 import torch
 from transformers import (
     DynamicCache,
-    GenerationConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     StaticCache,
@@ -70,7 +72,7 @@ def model_device(model: torch.nn.Module) -> torch.device:
         return torch.device("cpu")
 
 
-def _generation_config(
+def _check_sampling(
     *,
     max_new_tokens: int,
     do_sample: bool,
@@ -78,41 +80,84 @@ def _generation_config(
     top_k: int | None,
     top_p: float | None,
     num_return_sequences: int,
-    eos_token_id: int | list[int] | None,
-    pad_token_id: int | None,
-) -> GenerationConfig:
+) -> None:
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if num_return_sequences < 1:
         raise ValueError(f"num_return_sequences must be >= 1, got {num_return_sequences}")
-    if do_sample:
-        if not temperature > 0:
-            raise ValueError(
-                f"temperature must be > 0 when sampling, got {temperature} (use do_sample=False)"
-            )
-        if top_p is not None and not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-        if top_k is not None and top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 disables it), got {top_k}")
-        sampling: dict[str, Any] = {
-            "do_sample": True,
-            "temperature": float(temperature),
-            "top_k": int(top_k) if top_k else 0,
-            "top_p": float(top_p) if top_p is not None else 1.0,
-        }
+    if not do_sample:
+        return
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0 when sampling, got {temperature} (use do_sample=False)")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if top_k is not None and top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 disables it), got {top_k}")
+
+
+# How many candidates past top_k the fast top-k path fetches, so that tokens tied with the k-th one
+# (frequent with bf16 logits) are still all inside the window; wider ties take the full sort.
+TIE_WINDOW = 32
+
+
+def sampling_distribution(
+    logits: torch.Tensor, *, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The next-token distribution of temperature -> top-k -> top-p sampling, on its candidates only.
+
+    The same distribution as transformers' ``TemperatureLogitsWarper``, ``TopKLogitsWarper`` and
+    ``TopPLogitsWarper`` applied in that order (``generate``'s order) followed by a softmax over the
+    whole vocabulary: top-k keeps every token tied with the k-th largest, top-p drops, in ascending
+    order, the tokens whose cumulative probability stays <= 1 - top_p and always keeps the most likely.
+    Only the columns that can be kept are returned, so sampling does not sort, softmax or draw over the
+    whole vocabulary: with top-k on, ``top_k + TIE_WINDOW`` candidates come from ``torch.topk``.
+
+    Args:
+        logits: ``[B, V]`` next-token logits (any float dtype; computed in float32 as ``generate`` does).
+        top_k: ``None`` or 0 disables it. top_p: ``None`` or 1 disables it.
+
+    Returns:
+        ``(probs, token_ids)``, both ``[B, M]``: the probability of each candidate (0 where filtered out,
+        rows sum to 1) and its vocabulary id, candidates in descending order of logit.
+    """
+    scores = logits.float() / temperature
+    vocab = scores.size(-1)
+    if top_k and top_k < vocab:
+        window = min(vocab, top_k + TIE_WINDOW)
+        values, ids = scores.topk(window, dim=-1)
+        kth = values[:, top_k - 1 : top_k]
+        if window < vocab and bool((values[:, -1:] >= kth).any()):
+            # Ties with the k-th token may reach past the window: take every column instead.
+            values, ids = scores.sort(dim=-1, descending=True)
+            kth = values[:, top_k - 1 : top_k]
+        values = values.masked_fill(values < kth, float("-inf"))
     else:
-        sampling = {"do_sample": False}
-    # A fresh config: only what is asked for here applies, not sampling defaults a checkpoint ships.
-    # K is only validated here: sample_completion_ids makes the K copies of each prompt itself, so
-    # generate() always runs with 1 (it also refuses K > 1 for greedy decoding).
-    return GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        num_return_sequences=1,
-        eos_token_id=eos_token_id,
-        pad_token_id=pad_token_id,
-        use_cache=True,
-        **sampling,
-    )
+        values, ids = scores.sort(dim=-1, descending=True)
+    probs = values.softmax(-1)
+    if top_p is not None and top_p < 1.0:
+        # generate's rule, on the ascending order: drop where the cumulative probability <= 1 - top_p.
+        ascending = probs.flip(-1).cumsum(-1).flip(-1)
+        drop = ascending <= 1 - top_p
+        drop[:, 0] = False  # the most likely token always stays
+        probs = probs.masked_fill(drop, 0.0)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs, ids
+
+
+def next_tokens(
+    logits: torch.Tensor, *, do_sample: bool, temperature: float, top_k: int | None, top_p: float | None
+) -> torch.Tensor:
+    """One token per row (``[B]``): a draw from :func:`sampling_distribution`, or the argmax."""
+    if not do_sample:
+        return logits.argmax(-1)
+    probs, ids = sampling_distribution(logits, temperature=temperature, top_k=top_k, top_p=top_p)
+    return ids.gather(-1, torch.multinomial(probs, 1)).squeeze(-1)
+
+
+def _eos_list(eos_token_id: int | list[int] | None) -> list[int]:
+    if eos_token_id is None:
+        return []
+    return [int(i) for i in (eos_token_id if isinstance(eos_token_id, list) else [eos_token_id])]
 
 
 @torch.no_grad()
@@ -133,18 +178,24 @@ def sample_completion_ids(
 ) -> torch.Tensor:
     """Sample continuations of LEFT-padded prompts and return only the new token ids.
 
+    A plain decode loop over the model's forward with a KV cache: one prompt pass (computing the last
+    position's logits only), then one forward per new token. Tokens come from
+    :func:`sampling_distribution`, the distribution ``generate`` samples from with the same settings,
+    without its full-vocabulary sort and draw per token; stopping and padding follow ``generate``.
+
     Args:
-        model: a causal LM with ``generate`` (a PEFT-wrapped model works too).
+        model: a causal LM (a PEFT-wrapped model works too).
         prompt_input_ids, prompt_attention_mask: ``[B, P]``, left-padded (the last column is real).
         eos_token_id, pad_token_id: default to the model's generation config.
         do_sample: ``False`` for greedy decoding (then temperature/top_k/top_p are ignored).
+        num_return_sequences: ``K`` samples per prompt; the prompt pass runs once and its cache is
+            copied ``K`` times.
         static_cache: decode into this ``transformers.StaticCache`` (reset first) instead of a growing
             cache; it must hold ``P + max_new_tokens`` positions of ``B`` rows (:func:`anchor_cache`).
-            On GPU transformers compiles the decode step for a static cache (torch.compile
-            "reduce-overhead", i.e. CUDA graphs): eager decoding is bound by kernel launches there.
-            Passing the same cache object on every call keeps its tensors at fixed addresses, so later
-            calls replay the recorded graphs instead of recording new ones. Same distribution; only
-            with ``num_return_sequences = 1``.
+            On CUDA the one-token decode step is then compiled (torch.compile "reduce-overhead", i.e.
+            CUDA graphs; eager decoding is bound by kernel launches there). Passing the same cache object
+            on every call keeps its tensors at fixed addresses, so later calls replay the recorded graphs.
+            Same distribution; only with ``num_return_sequences = 1``.
 
     Returns:
         ``LongTensor[B * num_return_sequences, N]`` with ``N <= max_new_tokens`` (generation stops when
@@ -163,66 +214,133 @@ def sample_completion_ids(
             "sample_completion_ids needs LEFT-padded prompts (the last column of prompt_attention_mask "
             "must be 1 in every row); set tokenizer.padding_side = 'left'"
         )
-    gen_defaults = getattr(model, "generation_config", None)
-    if eos_token_id is None and gen_defaults is not None:
-        eos_token_id = gen_defaults.eos_token_id
-    if pad_token_id is None and gen_defaults is not None:
-        pad_token_id = gen_defaults.pad_token_id
-    if pad_token_id is None:
-        pad_token_id = eos_token_id[0] if isinstance(eos_token_id, list) else eos_token_id
-    if pad_token_id is None:
-        raise ValueError(
-            "sample_completion_ids: no pad_token_id and no eos_token_id given or in the model config"
-        )
-    if static_cache is not None:
-        needed = prompt_input_ids.shape[1] + max_new_tokens
-        size = static_cache.layers[0].max_cache_len
-        if size < needed:
-            raise ValueError(
-                f"static_cache holds {size} positions, fewer than {prompt_input_ids.shape[1]} prompt tokens + "
-                f"max_new_tokens={max_new_tokens} = {needed}"
-            )
-        if num_return_sequences > 1:
-            raise ValueError("static_cache is for one sample per prompt (num_return_sequences=1)")
-        rows = getattr(static_cache.layers[0], "batch_size", None)  # set when first used
-        if rows is not None and rows != prompt_input_ids.shape[0]:
-            raise ValueError(
-                f"static_cache was built for {rows} rows, the prompts have {prompt_input_ids.shape[0]}: "
-                "use one cache per batch size"
-            )
-        static_cache.reset()
-    config = _generation_config(
+    _check_sampling(
         max_new_tokens=max_new_tokens,
         do_sample=do_sample,
         temperature=temperature,
         top_k=top_k,
         top_p=top_p,
         num_return_sequences=num_return_sequences,
-        eos_token_id=eos_token_id,
-        pad_token_id=pad_token_id,
     )
-    device = model_device(model)
-    ids, mask = prompt_input_ids.to(device), prompt_attention_mask.to(device)
-    with eval_mode(model):
-        cache = None
+    gen_defaults = getattr(model, "generation_config", None)
+    if eos_token_id is None and gen_defaults is not None:
+        eos_token_id = gen_defaults.eos_token_id
+    if pad_token_id is None and gen_defaults is not None:
+        pad_token_id = gen_defaults.pad_token_id
+    eos = _eos_list(eos_token_id)
+    if pad_token_id is None:
+        pad_token_id = eos[0] if eos else None
+    if pad_token_id is None:
+        raise ValueError(
+            "sample_completion_ids: no pad_token_id and no eos_token_id given or in the model config"
+        )
+    batch, prompt_len = prompt_input_ids.shape
+    if static_cache is not None:
+        needed = prompt_len + max_new_tokens
+        size = static_cache.layers[0].max_cache_len
+        if size < needed:
+            raise ValueError(
+                f"static_cache holds {size} positions, fewer than {prompt_len} prompt tokens + "
+                f"max_new_tokens={max_new_tokens} = {needed}"
+            )
         if num_return_sequences > 1:
-            # Copies made here rather than by generate(), which would run the prompt pass K times.
-            if _can_share_prefill(model, mask):
-                cache = _shared_prefill(model, ids, mask, num_return_sequences)
-            ids = ids.repeat_interleave(num_return_sequences, dim=0)
-            mask = mask.repeat_interleave(num_return_sequences, dim=0)
-        cache = static_cache if static_cache is not None else cache
-        extra = {} if cache is None else {cache_kwarg(model): cache}
-        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config, **extra)
-    sequences = out if isinstance(out, torch.Tensor) else out.sequences
-    return sequences[:, prompt_input_ids.shape[1] :]
+            raise ValueError("static_cache is for one sample per prompt (num_return_sequences=1)")
+        rows = getattr(static_cache.layers[0], "batch_size", None)  # set when first used
+        if rows is not None and rows != batch:
+            raise ValueError(
+                f"static_cache was built for {rows} rows, the prompts have {batch}: use one cache per batch size"
+            )
+        static_cache.reset()
+    device = model_device(model)
+    ids, mask = prompt_input_ids.to(device), prompt_attention_mask.to(device).long()
+    k = num_return_sequences
+    # Every position after the prompt is real; later ones are hidden by causality until decoded. A static
+    # cache attends over its whole length, so its mask covers that length.
+    width = static_cache.layers[0].max_cache_len if static_cache is not None else prompt_len + max_new_tokens
+    full_mask = torch.cat([mask, mask.new_ones(batch, width - prompt_len)], 1).repeat_interleave(k, 0)
+    position = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = static_cache if static_cache is not None else DynamicCache(config=base_model(model).config)
+    name = cache_kwarg(model)
+    pick = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
+    with eval_mode(model):
+        logits = _last_logits(
+            model,
+            input_ids=ids,
+            attention_mask=full_mask[::k, : width if static_cache is not None else prompt_len],
+            position_ids=position,
+            **{name: cache},
+        )
+        if k > 1:
+            cache.batch_repeat_interleave(k)
+            logits = logits.repeat_interleave(k, 0)
+        step = _compiled_step(model) if static_cache is not None and device.type == "cuda" else _eager_step
+        check_every = stop_check_interval(device)
+        eos_ids = torch.tensor(eos, device=device, dtype=torch.long)
+        finished = torch.zeros(batch * k, dtype=torch.bool, device=device)
+        next_position = position[:, -1:].repeat_interleave(k, 0) + 1
+        tokens: list[torch.Tensor] = []
+        for t in range(max_new_tokens):
+            token = next_tokens(logits, **pick).masked_fill(finished, pad_token_id)
+            tokens.append(token)
+            finished |= torch.isin(token, eos_ids)
+            if t + 1 == max_new_tokens or ((t + 1) % check_every == 0 and bool(finished.all())):
+                break
+            attention = full_mask if static_cache is not None else full_mask[:, : prompt_len + t + 1]
+            logits = step(model, name, cache, token[:, None], next_position + t, attention)
+    out = torch.stack(tokens, 1)
+    if check_every > 1 and eos:
+        # Trim the columns decoded after every row had stopped (generate stops at once).
+        stopped = torch.isin(out, eos_ids).cumsum(1) > 0
+        done_at = int((~stopped.all(0)).sum()) + 1
+        out = out[:, : min(done_at, out.shape[1])]
+    return out
 
 
-def _can_share_prefill(model: torch.nn.Module, mask: torch.Tensor) -> bool:
-    # Only for plain transformers models (wrappers may not route past_key_values the same way), and
-    # only when every prompt keeps a real token in the shared part (an all-padding row would attend
-    # to nothing).
-    return isinstance(model, PreTrainedModel) and mask.shape[1] >= 2 and bool((mask[:, :-1].sum(1) > 0).all())
+def stop_check_interval(device: torch.device) -> int:
+    """Every how many tokens the decode loop asks whether all rows have stopped."""
+    # On CUDA the question costs a host sync that idles the GPU; asking every few tokens keeps it fed.
+    return 8 if device.type == "cuda" else 1
+
+
+def _last_logits(model: torch.nn.Module, **inputs: Any) -> torch.Tensor:
+    if "logits_to_keep" in inspect.signature(base_model(model).forward).parameters:
+        inputs["logits_to_keep"] = 1  # the prompt pass needs the last position's logits only
+    return model(use_cache=True, **inputs).logits[:, -1]
+
+
+def _eager_step(
+    model: torch.nn.Module,
+    name: str,
+    cache: Any,
+    input_ids: torch.Tensor,
+    position_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+) -> torch.Tensor:
+    return model(
+        input_ids=input_ids,
+        position_ids=position_ids,
+        attention_mask=attention_mask,
+        use_cache=True,
+        **{name: cache},
+    ).logits[:, -1]
+
+
+_COMPILED_STEPS: weakref.WeakKeyDictionary[torch.nn.Module, Any] = weakref.WeakKeyDictionary()
+
+
+def _compiled_step(model: torch.nn.Module) -> Any:
+    """The decode step compiled once per model: fixed shapes, CUDA graphs replayed on every call."""
+    step = _COMPILED_STEPS.get(model)
+    if step is None:
+
+        def decode(
+            name: str, cache: Any, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor
+        ):
+            return _eager_step(model, name, cache, input_ids, position_ids, mask)
+
+        compiled = torch.compile(decode, mode="reduce-overhead", dynamic=False)
+        step = _COMPILED_STEPS[model] = lambda _model, *args: compiled(*args)
+    return step
 
 
 def anchor_cache(model: torch.nn.Module, max_cache_len: int) -> StaticCache:
@@ -234,28 +352,6 @@ def anchor_cache(model: torch.nn.Module, max_cache_len: int) -> StaticCache:
     """
     config = base_model(model).config.get_text_config(decoder=True)
     return StaticCache(config=config, max_cache_len=max_cache_len)
-
-
-def _shared_prefill(model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor, k: int) -> DynamicCache:
-    """Run the prompts (all but their last token) once and copy the KV cache for the K samples.
-
-    ``generate`` would otherwise repeat each prompt K times before its first forward, and on CPU the
-    prompt pass dominates short generations. ``generate`` then sees a cache covering all but the last
-    prompt token and only feeds that token, exactly as it does after its own prefill.
-    """
-    cache = DynamicCache(config=model.config)
-    head_ids, head_mask = ids[:, :-1], mask[:, :-1]
-    # Same position ids as generate() derives from a left-padded mask.
-    position_ids = (head_mask.long().cumsum(-1) - 1).masked_fill(head_mask == 0, 0)
-    model(
-        input_ids=head_ids,
-        attention_mask=head_mask,
-        position_ids=position_ids,
-        use_cache=True,
-        **{cache_kwarg(model): cache},
-    )
-    cache.batch_repeat_interleave(k)
-    return cache
 
 
 def render_prompt(tokenizer: PreTrainedTokenizerBase, prompt: Prompt) -> str:

@@ -1,0 +1,151 @@
+"""The decode loop of tidpo.generation samples what transformers' ``generate`` samples."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+import tidpo.generation as gen
+from tidpo.generation import anchor_cache, next_tokens, sample_completion_ids, sampling_distribution
+from tiny_setup import CONFIGS, VOCAB, build
+
+
+def hf_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """What generate() draws from: its warpers in its order, then a softmax over the vocabulary."""
+    warpers = LogitsProcessorList()
+    if temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(temperature))
+    if top_k:
+        warpers.append(TopKLogitsWarper(top_k=top_k, min_tokens_to_keep=1))
+    if top_p < 1.0:
+        warpers.append(TopPLogitsWarper(top_p=top_p, min_tokens_to_keep=1))
+    return warpers(None, logits.float()).softmax(-1)
+
+
+def ours_full(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    probs, ids = sampling_distribution(logits, temperature=temperature, top_k=top_k, top_p=top_p)
+    return torch.zeros(logits.shape, dtype=probs.dtype).scatter(-1, ids, probs)
+
+
+def test_distribution_by_hand():
+    logits = torch.tensor([[3.0, 1.0, 2.0, 0.0, 2.0]])
+    # top_k=2 keeps 3.0 and the two tied 2.0s (ties with the k-th stay, as in generate).
+    p = ours_full(logits, 1.0, 2, 1.0)[0]
+    e = torch.tensor([3.0, 2.0, 2.0]).exp()
+    expected = torch.tensor([e[0], 0.0, e[1], 0.0, e[2]]) / e.sum()
+    torch.testing.assert_close(p, expected)
+    # top_p=0.5: 3.0 alone has probability 0.576 of those three; the tied tail is dropped.
+    p = ours_full(logits, 1.0, 2, 0.5)[0]
+    torch.testing.assert_close(p, torch.tensor([1.0, 0.0, 0.0, 0.0, 0.0]))
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    rows=st.integers(1, 4),
+    vocab=st.integers(2, 160),
+    top_k=st.integers(0, 170),
+    top_p=st.sampled_from([1.0, 0.95, 0.8, 0.5, 0.1, 1e-6]),
+    temperature=st.sampled_from([1.0, 0.8, 1.7]),
+    grid=st.sampled_from([0.0, 0.25, 1.0]),
+    bf16=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_distribution_equals_generates_warpers(rows, vocab, top_k, top_p, temperature, grid, bf16, seed):
+    logits = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(seed)) * 3
+    if grid:  # many exact ties, also with the k-th token and across the nucleus boundary
+        logits = (logits / grid).round() * grid
+    if bf16:
+        logits = logits.bfloat16()
+    ours = ours_full(logits, temperature, top_k, top_p)
+    theirs = hf_probs(logits, temperature, top_k, top_p)
+    # Which of several tied tokens top-p drops depends on sort order (unspecified in generate too):
+    # the sorted probabilities must agree, and so must the mass on each distinct logit value.
+    torch.testing.assert_close(ours.sort(-1).values, theirs.sort(-1).values, atol=1e-6, rtol=1e-5)
+    for r in range(rows):
+        for value in logits[r].unique():
+            cols = logits[r] == value
+            torch.testing.assert_close(ours[r, cols].sum(), theirs[r, cols].sum(), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(ours.sum(-1), torch.ones(rows))
+
+
+def test_ties_past_the_window_take_the_full_sort():
+    # 200 tokens tied for first place: top_k=50 keeps all 200 in generate, far past the top-k window.
+    logits = torch.zeros(2, 300)
+    logits[:, :200] = 5.0
+    probs, ids = sampling_distribution(logits, top_k=50)
+    assert ids.shape[1] == 300
+    torch.testing.assert_close(ours_full(logits, 1.0, 50, 1.0), hf_probs(logits, 1.0, 50, 1.0))
+    assert int((probs > 0).sum(-1).min()) == 200
+
+
+def test_draws_follow_the_distribution():
+    torch.manual_seed(0)
+    logits = torch.randn(1, 500) * 2
+    expected = hf_probs(logits, 0.8, 50, 0.95)[0]
+    draws = next_tokens(logits.expand(40_000, -1), do_sample=True, temperature=0.8, top_k=50, top_p=0.95)
+    freq = torch.bincount(draws, minlength=500).float() / draws.numel()
+    assert bool((freq[expected == 0] == 0).all()), "a filtered-out token was drawn"
+    # 40k draws: a standard error of at most 0.0025 per token.
+    assert float((freq - expected).abs().max()) < 0.012
+    greedy = next_tokens(logits, do_sample=False, temperature=0.8, top_k=50, top_p=0.95)
+    assert int(greedy) == int(logits.argmax())
+
+
+def _prompts(vocab: int, eos: int):
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, vocab, (3, 9), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # left padding of different lengths
+    mask[1, :1] = 0
+    ids = ids.masked_fill(mask == 0, 0)
+    assert not bool((ids == eos).any())
+    return ids, mask
+
+
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
+@pytest.mark.parametrize("static", [False, True])
+def test_greedy_decoding_equals_generate(arch, static):
+    model = build(CONFIGS[arch]())
+    eos = 2
+    # Make EOS the argmax for some continuations, so rows stop at different steps.
+    with torch.no_grad():
+        model.get_output_embeddings().weight[eos] *= 4
+    ids, mask = _prompts(VOCAB, eos)
+    reference = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=12,
+        do_sample=False,
+        eos_token_id=eos,
+        pad_token_id=0,
+    )[:, ids.shape[1] :]
+    cache = anchor_cache(model, ids.shape[1] + 12) if static else None
+    ours = sample_completion_ids(
+        model,
+        ids,
+        mask,
+        max_new_tokens=12,
+        do_sample=False,
+        eos_token_id=eos,
+        pad_token_id=0,
+        static_cache=cache,
+    )
+    assert torch.equal(ours, reference), f"{arch}: {ours.tolist()} != {reference.tolist()}"
+
+
+def test_stopping_checked_every_few_tokens_trims_to_the_same_ids(monkeypatch):
+    # On CUDA the loop asks "has every row stopped?" only every 8 tokens and trims afterwards.
+    model = build(CONFIGS["llama"]())
+    with torch.no_grad():
+        model.get_output_embeddings().weight[2] *= 12
+    ids, mask = _prompts(VOCAB, 2)
+    kw = dict(max_new_tokens=30, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(4)
+    every = sample_completion_ids(model, ids, mask, **kw)
+    assert every.shape[1] < 30, "the rows must all stop early for this test to mean anything"
+    monkeypatch.setattr(gen, "stop_check_interval", lambda device: 8)
+    torch.manual_seed(4)
+    assert torch.equal(sample_completion_ids(model, ids, mask, **kw), every)
