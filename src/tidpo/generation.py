@@ -339,7 +339,13 @@ def _compiled_step(model: torch.nn.Module) -> Any:
             return _eager_step(model, name, cache, input_ids, position_ids, mask)
 
         compiled = torch.compile(decode, mode="reduce-overhead", dynamic=False)
-        step = _COMPILED_STEPS[model] = lambda _model, *args: compiled(*args)
+
+        def step(_model: torch.nn.Module, *args: Any) -> torch.Tensor:
+            # Each call starts a new CUDA-graph replay that overwrites the last one's output: copy it.
+            torch.compiler.cudagraph_mark_step_begin()
+            return compiled(*args).clone()
+
+        _COMPILED_STEPS[model] = step
     return step
 
 
