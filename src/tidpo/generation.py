@@ -122,7 +122,8 @@ def sampling_distribution(
     """
     scores = logits.float() / temperature
     vocab = scores.size(-1)
-    if top_k and top_k < vocab:
+    # On a GPU the full sort is cheap and the window's tie check would cost a host sync per token.
+    if top_k and top_k < vocab and scores.device.type == "cpu":
         window = min(vocab, top_k + TIE_WINDOW)
         values, ids = scores.topk(window, dim=-1)
         kth = values[:, top_k - 1 : top_k]
@@ -130,9 +131,11 @@ def sampling_distribution(
             # Ties with the k-th token may reach past the window: take every column instead.
             values, ids = scores.sort(dim=-1, descending=True)
             kth = values[:, top_k - 1 : top_k]
-        values = values.masked_fill(values < kth, float("-inf"))
     else:
         values, ids = scores.sort(dim=-1, descending=True)
+        kth = values[:, top_k - 1 : top_k] if top_k and top_k < vocab else None
+    if kth is not None:
+        values = values.masked_fill(values < kth, float("-inf"))
     probs = values.softmax(-1)
     if top_p is not None and top_p < 1.0:
         # generate's rule, on the ascending order: drop where the cumulative probability <= 1 - top_p.
