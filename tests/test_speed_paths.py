@@ -131,6 +131,60 @@ def test_fused_ti_dpo_step_peak_memory_stays_near_dpo(tmp_path, tiny_tok, pairs_
     assert peaks["ti_fused_kl"] <= peaks["dpo"] + logits_bytes + 2 * block, (peaks, logits_bytes)
 
 
+def test_kl_under_checkpointing_holds_the_reference_hidden_states_not_its_logits(
+    tmp_path, tiny_tok, pairs_dataset
+):
+    """Under gradient checkpointing the KL gets the reference as hidden states + output layer
+    (`ReferenceHead`): same loss and gradients as with its logits, and its peak stays near DPO's, where
+    holding the reference logits for the backward adds a full [B, T, V] float32 tensor (the control)."""
+    vocab = 8192
+    base = tiny_causal_lm("llama", tokenizer=tiny_tok, vocab_size=vocab, hidden_size=32, num_layers=1)
+    peaks, results = {}, {}
+    for name, overrides, head in (
+        ("dpo", {"loss_type": "dpo"}, True),
+        ("kl", {"gamma": 0.0, "tdpo_alpha": 0.5}, True),
+        ("kl_logits", {"gamma": 0.0, "tdpo_alpha": 0.5}, False),
+    ):
+        trainer = TIDPOTrainer(
+            copy.deepcopy(base),
+            args=make_config(tmp_path, gradient_checkpointing=True, **overrides),
+            train_dataset=pairs_dataset,
+            processing_class=tiny_tok,
+        )
+        trainer.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        used = []
+        reference_logits = trainer._reference_logits
+
+        def spy(*args, reference_logits=reference_logits, used=used, **kwargs):
+            used.append(kwargs.get("as_head", False))
+            return reference_logits(*args, **kwargs)
+
+        trainer._reference_logits = spy
+        if not head:
+            trainer._reference_head = lambda model: False
+        perturb(trainer.model, seed=6, scale=0.02)
+        batch = first_batch(trainer)
+        trainer.model.train()
+
+        def step(trainer=trainer, batch=batch) -> None:
+            trainer.compute_loss(trainer.model, batch).backward()
+
+        step()
+        trainer.model.zero_grad(set_to_none=True)
+        peaks[name] = peak_tensor_bytes(step)
+        trainer.model.zero_grad(set_to_none=True)
+        results[name] = loss_and_grads(trainer, batch)
+        assert set(used) == {head and name != "dpo"}, (name, used)
+    logits_bytes = batch["input_ids"].numel() * vocab * 4
+    assert peaks["kl"] <= 1.15 * peaks["dpo"], (peaks, logits_bytes)
+    assert peaks["kl_logits"] >= peaks["dpo"] + 0.9 * logits_bytes, (peaks, logits_bytes)
+    (loss_h, grads_h, _), (loss_l, grads_l, _) = results["kl"], results["kl_logits"]
+    assert loss_h == pytest.approx(loss_l, rel=1e-5)
+    assert grads_h.keys() == grads_l.keys()
+    for n in grads_h:
+        torch.testing.assert_close(grads_h[n], grads_l[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
 def test_peak_tensor_bytes_counts_tensors_alive_at_once():
     held = torch.ones(1 << 20, dtype=torch.uint8)  # alive before the block: not counted
 

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from tidpo.tokenops import (
     NonFiniteError,
+    ReferenceHead,
     check_finite,
     label_logprobs,
     logprobs_and_kl,
@@ -265,6 +266,42 @@ def test_logprobs_and_kl_hand_computed_and_gradcheck():
         return out[0], out[2]
 
     assert torch.autograd.gradcheck(both, (pol64,))
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    b=st.integers(1, 3),
+    t=st.integers(2, 6),
+    v=st.integers(2, 9),
+    h=st.integers(1, 5),
+    chunk=st.integers(1, 20),
+    bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_reference_head_equals_its_logits(b, t, v, h, chunk, bias, seed):
+    # Hidden states + output layer in place of the reference logits: the same three outputs and the
+    # same policy gradient as with the logits they project to.
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(b, t, h, generator=gen)
+    weight = torch.randn(v, h, generator=gen)
+    bias_t = torch.randn(v, generator=gen) if bias else None
+    head = ReferenceHead(hidden, weight, bias_t, torch.float32)
+    ref_logits = torch.nn.functional.linear(hidden, weight, bias_t)
+    torch.testing.assert_close(head.logits(hidden), ref_logits)
+    pol = (torch.randn(b, t, v, generator=gen) * 2).requires_grad_(True)
+    pol2 = pol.detach().clone().requires_grad_(True)
+    ids = torch.randint(0, v, (b, t), generator=gen)
+    mask = torch.randint(0, 2, (b, t), generator=gen)
+    got = logprobs_and_kl(pol, head, ids, mask, chunk_size=chunk)
+    want = logprobs_and_kl(pol2, ref_logits, ids, mask, chunk_size=chunk)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+    up = torch.randn(b, t, generator=gen)
+    ((got[0] + got[2]) * up).sum().backward()
+    ((want[0] + want[2]) * up).sum().backward()
+    torch.testing.assert_close(pol.grad, pol2.grad, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="equal"):
+        logprobs_and_kl(pol, ReferenceHead(hidden, weight[:-1], None, torch.float32), ids)
 
 
 def test_logprobs_and_kl_rejects_bad_input(batch):

@@ -42,6 +42,28 @@ def cache_kwarg(model: torch.nn.Module) -> str:
     )
 
 
+# Causal LMs whose logits are exactly ``lm_head(decoder(...).last_hidden_state)``: no soft-capping or
+# scaling after the head (checked per architecture in tests/test_tokenops.py's model test).
+PLAIN_HEAD_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "gpt2")
+
+
+def decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Linear] | None:
+    """``(decoder, lm_head)`` of a causal LM whose logits are the head applied to the decoder's last
+    hidden state, or None where that is not known to hold (other architectures, logit soft-capping or
+    scaling, an output layer that is not a plain ``nn.Linear``, e.g. one with a LoRA adapter)."""
+    inner = base_model(model)
+    config = getattr(inner, "config", None)
+    if config is None or getattr(config, "model_type", None) not in PLAIN_HEAD_MODEL_TYPES:
+        return None
+    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
+        return None
+    head = inner.get_output_embeddings()
+    decoder = inner.get_decoder() if hasattr(inner, "get_decoder") else None
+    if type(head) is not torch.nn.Linear or decoder is None or decoder is inner:
+        return None
+    return decoder, head
+
+
 def cache_dir() -> Path:
     """Where converted models live: ``$TIDPO_CACHE`` or ``~/.cache/tidpo``."""
     return Path(os.environ.get("TIDPO_CACHE", Path.home() / ".cache" / "tidpo"))

@@ -16,6 +16,7 @@ which autograd needs anyway.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -23,6 +24,7 @@ from torch import Tensor
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "NonFiniteError",
+    "ReferenceHead",
     "check_finite",
     "label_logprobs",
     "logprobs_and_kl",
@@ -41,6 +43,27 @@ IGNORE_INDEX = -100
 # rows per block are capped to about this many bytes; ``chunk_size`` stays the upper bound. GPUs keep
 # ``chunk_size`` as given (big blocks keep them busy).
 CPU_BLOCK_BYTES = 4 * 2**20
+
+
+class ReferenceHead(NamedTuple):
+    """The reference's logits as its final hidden states and output layer: ``hidden @ weight.T + bias``.
+
+    :func:`logprobs_and_kl` takes this in place of ``[B, T, V]`` reference logits and computes the logits
+    block by block (again in its backward) instead of holding them: ``H`` numbers per position instead of
+    ``V``, for one more output-layer matmul. For models whose logits are exactly that projection.
+    """
+
+    hidden: Tensor  # [B, T, H]
+    weight: Tensor  # [V, H]
+    bias: Tensor | None
+    dtype: torch.dtype  # of the matmul: what the reference's own head computes in (autocast included)
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """Logits of some hidden states ``[..., H] -> [..., V]``, as the reference's head computes them."""
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = self.weight.detach().to(self.dtype)
+            b = None if self.bias is None else self.bias.detach().to(self.dtype)
+            return torch.nn.functional.linear(hidden.detach().to(self.dtype), w, b)
 
 
 class NonFiniteError(FloatingPointError):
@@ -238,14 +261,24 @@ class _LogprobsAndKL(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, policy: Tensor, ref: Tensor, labels: Tensor, rows: Tensor | None, chunk_size: int):  # type: ignore[override]
+    def forward(
+        ctx,
+        policy: Tensor,
+        ref: Tensor,
+        head: ReferenceHead | None,
+        labels: Tensor,
+        rows: Tensor | None,
+        chunk_size: int,
+    ):  # type: ignore[override]
         ctx.dtype = _compute_dtype(policy.dtype)
+        ctx.head = head
         n = policy.shape[0]
         pol_lp, ref_lp, kl, lse_pol, lse_ref = (
             torch.zeros(n, dtype=ctx.dtype, device=policy.device) for _ in range(5)
         )
         for sel in _chunks(n, rows, chunk_size):
-            r, p, lab = ref[sel], policy[sel], labels[sel].unsqueeze(-1)
+            r = ref[sel] if head is None else head.logits(ref[sel])
+            p, lab = policy[sel], labels[sel].unsqueeze(-1)
             lr_norm = torch.logsumexp(r.to(ctx.dtype), dim=-1, keepdim=True)
             lp_norm = torch.logsumexp(p.to(ctx.dtype), dim=-1, keepdim=True)
             pol_lp[sel] = (p.gather(-1, lab).to(ctx.dtype) - lp_norm).squeeze(-1)
@@ -279,10 +312,11 @@ class _LogprobsAndKL(torch.autograd.Function):
             # d/dz_theta [g_lp (z_label - lse(z)) + g_kl KL] = g_lp (onehot - s) + g_kl (s - p_ref)
             # = s (g_kl - g_lp) - g_kl p_ref + g_lp onehot, with s = softmax(z_theta). Two float32 blocks.
             block = (policy[sel] - lse_pol[sel].unsqueeze(-1)).exp_().mul_(g_kl - g_lp)
-            p_ref = (ref[sel] - lse_ref[sel].unsqueeze(-1)).exp_().mul_(g_kl)
+            r = ref[sel] if ctx.head is None else ctx.head.logits(ref[sel])
+            p_ref = (r - lse_ref[sel].unsqueeze(-1)).exp_().mul_(g_kl)
             block.sub_(p_ref).scatter_add_(-1, labels[sel].unsqueeze(-1), g_lp)
             grad[sel] = block.to(grad.dtype)
-        return grad, None, None, None, None
+        return grad, None, None, None, None, None
 
 
 def _next_token_rows(mask: Tensor | None, bsz: int, length: int, device: torch.device) -> Tensor:
@@ -299,7 +333,7 @@ def _next_token_rows(mask: Tensor | None, bsz: int, length: int, device: torch.d
 
 def logprobs_and_kl(
     policy_logits: Tensor,
-    ref_logits: Tensor,
+    ref_logits: Tensor | ReferenceHead,
     input_ids: Tensor,
     mask: Tensor | None = None,
     *,
@@ -313,7 +347,11 @@ def logprobs_and_kl(
     (alpha > 0) need all three at every response position.
 
     Args:
-        policy_logits, ref_logits: ``[B, T, V]``; gradient flows to ``policy_logits`` only.
+        policy_logits: ``[B, T, V]``; the gradient flows to it only.
+        ref_logits: ``[B, T, V]``, or a :class:`ReferenceHead` whose ``[B, T, H]`` hidden states stand in
+            for them: the backward needs the reference's probabilities, and holding ``H`` numbers per
+            position instead of ``V`` until then is what keeps the KL's memory down under gradient
+            checkpointing (the logits blocks are computed twice instead).
         input_ids: ``[B, T]``.
         mask: optional ``[B, T]`` input-aligned response mask; only those positions are computed.
         chunk_size: flattened rows per float32 chunk (on CPU fewer, see ``CPU_BLOCK_BYTES``).
@@ -322,10 +360,17 @@ def logprobs_and_kl(
         ``(policy_logps, ref_logps, kl)``, float32 ``[B, T]`` each (float64 for float64 logits);
         ``ref_logps`` carries no gradient.
     """
-    if ref_logits.shape != policy_logits.shape or policy_logits.dim() != 3:
+    head = ref_logits if isinstance(ref_logits, ReferenceHead) else None
+    ref = head.hidden if head is not None else ref_logits
+    ref_width = head.weight.shape[0] if head is not None else ref.shape[-1]
+    if (
+        ref.shape[:2] != policy_logits.shape[:2]
+        or ref_width != policy_logits.shape[-1]
+        or policy_logits.dim() != 3
+    ):
         raise ValueError(
             f"logprobs_and_kl: expected equal [B, T, V] logits, got {tuple(policy_logits.shape)} and "
-            f"{tuple(ref_logits.shape)}"
+            f"{(*ref.shape[:2], ref_width)}"
         )
     bsz, length, vocab = policy_logits.shape
     if input_ids.shape != (bsz, length):
@@ -340,7 +385,8 @@ def logprobs_and_kl(
         raise ValueError(f"logprobs_and_kl: token ids outside [0, {vocab}) at masked positions")
     outs = _LogprobsAndKL.apply(
         policy_logits.reshape(-1, vocab),
-        ref_logits.detach().reshape(-1, vocab),
+        ref.detach().reshape(bsz * length, -1),
+        head,
         flat_labels,
         rows,
         _block_rows(chunk_size, policy_logits),

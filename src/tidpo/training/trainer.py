@@ -36,7 +36,7 @@ from tidpo.data import ROW_ID_COLUMN, PreferenceCollator, prepare_preference_dat
 from tidpo.generation import anchor_cache, sample_completion_ids
 from tidpo.importance import attribution_from_targets, importance_weights
 from tidpo.losses import dpo_loss, ipo_loss, simpo_loss, triplet_terms, weighted_preference_loss
-from tidpo.models import cache_kwarg, ensure_pad_token, load_causal_lm, load_tokenizer
+from tidpo.models import cache_kwarg, decoder_and_head, ensure_pad_token, load_causal_lm, load_tokenizer
 from tidpo.prompt_cache import (
     PromptKV,
     checkpointing_in_use,
@@ -47,6 +47,7 @@ from tidpo.prompt_cache import (
 )
 from tidpo.tokenops import (
     NonFiniteError,
+    ReferenceHead,
     check_finite,
     label_logprobs,
     logprobs_and_kl,
@@ -343,22 +344,45 @@ class TIDPOTrainer(Trainer):
         attention_mask: torch.Tensor,
         cache: Any = None,
         position_ids: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        as_head: bool = False,
+    ) -> torch.Tensor | ReferenceHead:
+        """The reference's logits, or with ``as_head`` its final hidden states and output layer
+        (:class:`ReferenceHead`, for :meth:`_reference_head` models) so the logits are never held whole."""
         kwargs = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "position_ids": _position_ids(attention_mask) if position_ids is None else position_ids,
             "use_cache": cache is not None,
         }
+        ref = self.ref_model if self.ref_model is not None else self.accelerator.unwrap_model(self.model)
         if cache is not None:
-            ref = self.ref_model if self.ref_model is not None else self.model
             kwargs[cache_kwarg(self.accelerator.unwrap_model(ref))] = cache
-        with torch.no_grad():
-            if self.ref_model is not None:
-                return self.ref_model(**kwargs).logits
-            policy = self.accelerator.unwrap_model(self.model)
-            with policy.disable_adapter():
-                return policy(**kwargs).logits
+        adapters_off = ref.disable_adapter() if self.ref_model is None else contextlib.nullcontext()
+        with torch.no_grad(), adapters_off:
+            if not as_head:
+                return ref(**kwargs).logits
+            decoder, head = decoder_and_head(ref)
+            hidden = decoder(**kwargs).last_hidden_state
+            device = hidden.device.type
+            dtype = (
+                torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else head.weight.dtype
+            )
+            return ReferenceHead(hidden, head.weight, head.bias, dtype)
+
+    def _reference_head(self, model: nn.Module) -> bool:
+        """Whether the sequential KL gets the reference as hidden states + output layer this step.
+
+        Only under gradient checkpointing: there the reference's ``[B, T, V]`` logits, which the KL's
+        backward needs, are the largest thing alive, and recomputing them block by block in the backward
+        (one more output-layer matmul) is the trade checkpointing already makes. Not under ZeRO / FSDP
+        (sharded output layer) or for models whose logits are not a plain projection.
+        """
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            return False
+        if not checkpointing_in_use(self.accelerator.unwrap_model(model)):
+            return False
+        ref = self.ref_model if self.ref_model is not None else self.accelerator.unwrap_model(model)
+        return decoder_and_head(ref) is not None
 
     def _sample_anchors(self, model: nn.Module, inputs: dict[str, torch.Tensor]):
         """Sample one response per prompt from the current policy (spec section 5), no gradient.
@@ -670,7 +694,8 @@ class TIDPOTrainer(Trainer):
                 ref_logits, a_ref_logits = both[:n_rows], both[n_rows:]
             else:
                 if not cached or args.uses_sequential_kl:
-                    ref_logits = self._reference_logits(ids, attn, cache=ref_capture)
+                    as_head = args.uses_sequential_kl and self._reference_head(model)
+                    ref_logits = self._reference_logits(ids, attn, cache=ref_capture, as_head=as_head)
                 if args.uses_triplet:
                     cont = ref_capture.continuation() if ref_capture is not None else None
                     a_ref_logits = self._reference_logits(a_ids, a_attn, cache=cont, position_ids=a_pos)
@@ -704,7 +729,12 @@ class TIDPOTrainer(Trainer):
                 # Token 0 of the anchor is predicted at the prompt's last position, in the chosen rows.
                 rows, at = torch.arange(n_pairs, device=ids.device), prompt_lengths - 1
                 first = label_logprobs(logits[rows, at], a_ids[:, 0], chunk)
-                first_ref = label_logprobs(ref_logits[rows, at], a_ids[:, 0], chunk)
+                at_prompt_end = (
+                    ref_logits.logits(ref_logits.hidden[rows, at])
+                    if isinstance(ref_logits, ReferenceHead)
+                    else ref_logits[rows, at]
+                )
+                first_ref = label_logprobs(at_prompt_end, a_ids[:, 0], chunk)
                 a_logps = torch.cat([first[:, None], a_logps[:, 1:]], dim=1)
                 a_ref = torch.cat([first_ref[:, None], a_ref[:, 1:]], dim=1)
             check_finite(
