@@ -149,3 +149,27 @@ def test_stopping_checked_every_few_tokens_trims_to_the_same_ids(monkeypatch):
     monkeypatch.setattr(gen, "stop_check_interval", lambda device: 8)
     torch.manual_seed(4)
     assert torch.equal(sample_completion_ids(model, ids, mask, **kw), every)
+
+
+def test_ranks_whose_forwards_communicate_decode_in_step(tmp_path):
+    # Real 2-process launch (gloo on CPU): under FSDP / ZeRO-3 a rank whose rows have all stopped keeps
+    # running forwards until every rank is done, and the ids are still what each rank gives alone.
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parent / "helpers" / "synced_decode.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    lengths = [len(r["alone"][0]) for r in ranks]
+    assert lengths[0] != lengths[1], (
+        f"the ranks must stop at different steps for this test to mean anything: {lengths}"
+    )
+    assert (
+        ranks[0]["forwards"] == ranks[1]["forwards"] == max(lengths)
+    )  # the prompt pass + one per new token but the last
+    for r in ranks:
+        assert r["synced"] == r["alone"]

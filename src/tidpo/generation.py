@@ -21,12 +21,15 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Union
 
 import torch
+import torch.distributed as dist
 from transformers import (
     DynamicCache,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     StaticCache,
 )
+from transformers.distributed.fsdp import is_fsdp_managed_module
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
 from tidpo.models import base_model, cache_kwarg, ensure_pad_token
 
@@ -278,6 +281,7 @@ def sample_completion_ids(
             logits = logits.repeat_interleave(k, 0)
         step = _compiled_step(model) if static_cache is not None and device.type == "cuda" else _eager_step
         check_every = stop_check_interval(device)
+        synced = synced_ranks(model)
         eos_ids = torch.tensor(eos, device=device, dtype=torch.long)
         finished = torch.zeros(batch * k, dtype=torch.bool, device=device)
         next_position = position[:, -1:].repeat_interleave(k, 0) + 1
@@ -286,17 +290,35 @@ def sample_completion_ids(
             token = next_tokens(logits, **pick).masked_fill(finished, pad_token_id)
             tokens.append(token)
             finished |= torch.isin(token, eos_ids)
-            if t + 1 == max_new_tokens or ((t + 1) % check_every == 0 and bool(finished.all())):
+            if t + 1 == max_new_tokens or ((t + 1) % check_every == 0 and _all_stopped(finished, synced)):
                 break
             attention = full_mask if static_cache is not None else full_mask[:, : prompt_len + t + 1]
             logits = step(model, name, cache, token[:, None], next_position + t, attention)
     out = torch.stack(tokens, 1)
-    if check_every > 1 and eos:
-        # Trim the columns decoded after every row had stopped (generate stops at once).
+    if eos:
+        # Trim the columns decoded after every row had stopped (generate stops at once here; these come
+        # from checking every few tokens, or from waiting for other ranks).
         stopped = torch.isin(out, eos_ids).cumsum(1) > 0
         done_at = int((~stopped.all(0)).sum()) + 1
         out = out[:, : min(done_at, out.shape[1])]
     return out
+
+
+def synced_ranks(model: torch.nn.Module) -> bool:
+    """Whether every rank must run as many decode forwards as the slowest one: under ZeRO-3 or FSDP each
+    forward gathers weights with the other ranks, and a rank that stopped would leave them waiting
+    (transformers' ``synced_gpus`` rule)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return False
+    return is_deepspeed_zero3_enabled() or is_fsdp_managed_module(model)
+
+
+def _all_stopped(finished: torch.Tensor, synced: bool) -> bool:
+    if not synced:
+        return bool(finished.all())
+    running = (~finished).any().float()
+    dist.all_reduce(running)  # summed over ranks: 0 once every rank is done
+    return float(running) == 0.0
 
 
 def stop_check_interval(device: torch.device) -> int:

@@ -76,7 +76,7 @@ class TIDPOConfig(TrainingArguments):
         anchor_top_p (`float`, defaults to `0.95`): nucleus filter of anchor sampling.
         anchor_static_cache (`bool` or `None`, defaults to `None`):
             Decode anchors into a static KV cache of `max_prompt_length + anchor_max_new_tokens`
-            positions, kept across steps. On GPU transformers compiles the decode step for it with CUDA
+            positions, kept across steps. On GPU the one-token decode step is then compiled with CUDA
             graphs (torch.compile "reduce-overhead"): eager decoding there is bound by kernel launches,
             and the anchors' sequential decode steps would otherwise cost several training steps. The
             first step (and each new batch size) pays the compilation, tens of seconds. `None`: on for

@@ -4,8 +4,8 @@ TI-DPO does three things a plain DPO trainer does not, and each interacts with s
 
 - it SAMPLES anchors from the policy at every step (spec section 5). Under ZeRO-3 / FSDP every
   forward of a sharded module is a collective, so all ranks must run the same number of forwards:
-  :func:`unwrapped_for_generation` gathers the weights (ZeRO-3) or makes `generate` keep the ranks in
-  step (FSDP, `synced_gpus`);
+  :func:`unwrapped_for_generation` gathers the weights (ZeRO-3) or flags the model so the decode loop
+  keeps the ranks in step (FSDP; :func:`tidpo.generation.synced_ranks`);
 - it takes a GRADIENT TO THE INPUT EMBEDDINGS (Eq. 5-6) with `torch.autograd.grad`. Under DDP and
   ZeRO-1/2 that is safe inside the training forward ("fused": gradient reduction hooks sit on the
   parameters' `AccumulateGrad` nodes, which a gradient w.r.t. the embeddings never reaches). Under
@@ -160,12 +160,12 @@ def unwrapped_for_generation(
       (``deepspeed.zero.GatheredParameters``) and ZeRO's hooks are removed for the block, so the model
       is plain PyTorch inside (as TRL's ``unwrap_model_for_generation``). Needs the full model in
       memory on each device for the block; ``gather_zero3=False`` keeps the per-layer gathering and
-      relies on ``generate``'s ``synced_gpus`` (slower, lower peak memory);
+      relies on the decode loop keeping the ranks in step (slower, lower peak memory);
     - FSDP1: the root's own parameters (embeddings, final norm, head when not wrapped in a unit) are
       summoned with ``summon_full_params(recurse=False, writeback=False)``; the wrapped layers gather
       themselves per forward;
-    - FSDP1 and FSDP2: `transformers` only turns ``synced_gpus`` on automatically for ZeRO-3 or
-      modules it sharded itself, so the model is flagged for the block, making every rank run
+    - FSDP1 and FSDP2: the model is flagged as FSDP-managed for the block (transformers' flag, which
+      :func:`tidpo.generation.synced_ranks` reads as ``generate`` does), making every rank run
       forwards until the longest sample on any rank is done (a rank that stopped early would
       otherwise leave the others waiting in an all-gather forever).
     """
@@ -194,7 +194,7 @@ def unwrapped_for_generation(
             summon = FSDP.summon_full_params(model, recurse=False, writeback=False)
     had_flag = hasattr(unwrapped, "_is_fsdp_managed_module")
     previous = getattr(unwrapped, "_is_fsdp_managed_module", None)
-    unwrapped._is_fsdp_managed_module = True  # read by transformers' generate() to set synced_gpus
+    unwrapped._is_fsdp_managed_module = True  # read by tidpo.generation.synced_ranks (and generate())
     try:
         with summon:
             yield unwrapped

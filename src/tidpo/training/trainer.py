@@ -2,7 +2,7 @@
 
 One training step (paper Algorithm 1):
 1. batch of pairs -> one concatenated policy forward over chosen and rejected; when gamma > 0, anchors
-   sampled from the policy (a kept static KV cache on CUDA, compiled by transformers) get their own
+   sampled from the policy (a kept static KV cache on CUDA, compiled decode step) get their own
    forward over the anchor tokens only, reading the prompts' keys/values from the pairs' forward
    (`tidpo.prompt_cache`), or over full prompt + anchor rows where that does not apply;
 2. token importance by gradient attribution (Eq. 5-6): by default taken from the pairs' forward with
