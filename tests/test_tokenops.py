@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from unittest import mock
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import tidpo.tokenops as tokenops
 from tidpo.tokenops import (
     NonFiniteError,
     ReferenceHead,
@@ -276,11 +278,13 @@ def test_logprobs_and_kl_hand_computed_and_gradcheck():
     h=st.integers(1, 5),
     chunk=st.integers(1, 20),
     bias=st.booleans(),
+    block_rows=st.integers(1, 3),
     seed=st.integers(0, 2**16),
 )
-def test_reference_head_equals_its_logits(b, t, v, h, chunk, bias, seed):
+def test_reference_head_equals_its_logits(b, t, v, h, chunk, bias, block_rows, seed):
     # Hidden states + output layer in place of the reference logits: the same three outputs and the
-    # same policy gradient as with the logits they project to.
+    # same policy gradient as with the logits they project to. Cache-sized blocks of 1-3 rows, so one
+    # output-layer matmul (over `chunk` rows) is cut into several blocks.
     gen = torch.Generator().manual_seed(seed)
     hidden = torch.randn(b, t, h, generator=gen)
     weight = torch.randn(v, h, generator=gen)
@@ -291,17 +295,33 @@ def test_reference_head_equals_its_logits(b, t, v, h, chunk, bias, seed):
     pol = (torch.randn(b, t, v, generator=gen) * 2).requires_grad_(True)
     pol2 = pol.detach().clone().requires_grad_(True)
     ids = torch.randint(0, v, (b, t), generator=gen)
-    mask = torch.randint(0, 2, (b, t), generator=gen)
-    got = logprobs_and_kl(pol, head, ids, mask, chunk_size=chunk)
-    want = logprobs_and_kl(pol2, ref_logits, ids, mask, chunk_size=chunk)
-    for g, w in zip(got, want, strict=True):
-        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
-    up = torch.randn(b, t, generator=gen)
-    ((got[0] + got[2]) * up).sum().backward()
-    ((want[0] + want[2]) * up).sum().backward()
+    mask = torch.randint(0, 2, (b, t), generator=gen) if seed % 2 else None
+    with mock.patch.object(tokenops, "CPU_BLOCK_BYTES", 4 * v * block_rows):
+        got = logprobs_and_kl(pol, head, ids, mask, chunk_size=chunk)
+        want = logprobs_and_kl(pol2, ref_logits, ids, mask, chunk_size=chunk)
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+        up = torch.randn(b, t, generator=gen)
+        ((got[0] + got[2]) * up).sum().backward()
+        ((want[0] + want[2]) * up).sum().backward()
     torch.testing.assert_close(pol.grad, pol2.grad, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="equal"):
         logprobs_and_kl(pol, ReferenceHead(hidden, weight[:-1], None, torch.float32), ids)
+
+
+def test_reference_blocks_cover_every_row_once_in_order():
+    # Blocks of 3 rows cut from output-layer matmuls over 7 rows: by slices (all rows) and by index.
+    gen = torch.Generator().manual_seed(0)
+    hidden, weight = torch.randn(10, 4, generator=gen), torch.randn(6, 4, generator=gen)
+    head = ReferenceHead(hidden, weight, None, torch.float32)
+    full = hidden @ weight.T
+    for rows in (None, torch.tensor([0, 2, 3, 5, 6, 7, 8, 9])):
+        seen = []
+        for sel, logits in tokenops._reference_blocks(hidden, head, 10, rows, block=3, outer=7):
+            assert logits.shape[0] <= 3
+            torch.testing.assert_close(logits, full[sel])
+            seen.extend(torch.arange(10)[sel].tolist())
+        assert seen == (list(range(10)) if rows is None else rows.tolist())
 
 
 def test_logprobs_and_kl_rejects_bad_input(batch):
