@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from unittest import mock
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -51,15 +53,20 @@ def test_distribution_by_hand():
     temperature=st.sampled_from([1.0, 0.8, 1.7]),
     grid=st.sampled_from([0.0, 0.25, 1.0]),
     bf16=st.booleans(),
+    window=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_distribution_equals_generates_warpers(rows, vocab, top_k, top_p, temperature, grid, bf16, seed):
+def test_distribution_equals_generates_warpers(
+    rows, vocab, top_k, top_p, temperature, grid, bf16, window, seed
+):
     logits = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(seed)) * 3
     if grid:  # many exact ties, also with the k-th token and across the nucleus boundary
         logits = (logits / grid).round() * grid
     if bf16:
         logits = logits.bfloat16()
-    ours = ours_full(logits, temperature, top_k, top_p)
+    # window=False: the full-sort path GPUs take.
+    with mock.patch.object(gen, "topk_window", lambda device: window):
+        ours = ours_full(logits, temperature, top_k, top_p)
     theirs = hf_probs(logits, temperature, top_k, top_p)
     # Which of several tied tokens top-p drops depends on sort order (unspecified in generate too):
     # the sorted probabilities must agree, and so must the mass on each distinct logit value.

@@ -103,6 +103,12 @@ def _check_sampling(
 TIE_WINDOW = 32
 
 
+def topk_window(device: torch.device) -> bool:
+    """Whether top-k candidates come from ``torch.topk`` over a window (CPU) or from a full sort (GPUs:
+    the sort is cheap there, and the window's tie check would cost a host sync per token)."""
+    return device.type == "cpu"
+
+
 def sampling_distribution(
     logits: torch.Tensor, *, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,20 +131,17 @@ def sampling_distribution(
     """
     scores = logits.float() / temperature
     vocab = scores.size(-1)
-    # On a GPU the full sort is cheap and the window's tie check would cost a host sync per token.
-    if top_k and top_k < vocab and scores.device.type == "cpu":
+    top_k = top_k if top_k and top_k < vocab else None
+    values = ids = None
+    if top_k is not None and topk_window(scores.device):
         window = min(vocab, top_k + TIE_WINDOW)
         values, ids = scores.topk(window, dim=-1)
-        kth = values[:, top_k - 1 : top_k]
-        if window < vocab and bool((values[:, -1:] >= kth).any()):
-            # Ties with the k-th token may reach past the window: take every column instead.
-            values, ids = scores.sort(dim=-1, descending=True)
-            kth = values[:, top_k - 1 : top_k]
-    else:
+        if window < vocab and bool((values[:, -1:] >= values[:, top_k - 1 : top_k]).any()):
+            values = ids = None  # ties with the k-th token may reach past the window
+    if values is None:
         values, ids = scores.sort(dim=-1, descending=True)
-        kth = values[:, top_k - 1 : top_k] if top_k and top_k < vocab else None
-    if kth is not None:
-        values = values.masked_fill(values < kth, float("-inf"))
+    if top_k is not None:
+        values = values.masked_fill(values < values[:, top_k - 1 : top_k], float("-inf"))
     probs = values.softmax(-1)
     if top_p is not None and top_p < 1.0:
         # generate's rule, on the ascending order: drop where the cumulative probability <= 1 - top_p.
