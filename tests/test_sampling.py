@@ -180,3 +180,21 @@ def test_ranks_whose_forwards_communicate_decode_in_step(tmp_path):
     )  # the prompt pass + one per new token but the last
     for r in ranks:
         assert r["synced"] == r["alone"]
+
+
+def test_compiled_decode_step_is_kept_on_its_model_and_freed_with_it():
+    # Compiled once per model (CUDA graphs need the same function every step); a copy of the model
+    # compiles its own; nothing global keeps a model alive. (torch.compile is lazy: nothing compiles here.)
+    import copy
+    import gc
+    import weakref
+
+    model = build(CONFIGS["llama"]())
+    step = gen._compiled_step(model)
+    assert gen._compiled_step(model) is step
+    clone = copy.deepcopy(model)
+    assert gen._compiled_step(clone) is not step
+    ref = weakref.ref(model)
+    del model, step, clone
+    gc.collect()
+    assert ref() is None

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Union
 
@@ -353,13 +352,30 @@ def _eager_step(
     ).logits[:, -1]
 
 
-_COMPILED_STEPS: weakref.WeakKeyDictionary[torch.nn.Module, Any] = weakref.WeakKeyDictionary()
+class _DecodeStep:
+    """A model's compiled decode step, kept on the model (as transformers keeps its compiled forward):
+    a reference cycle the garbage collector frees with the model, where a global table would keep every
+    model alive. Copies and pickles of the model start without one and compile their own."""
+
+    def __init__(self) -> None:
+        self.fn: Any = None
+
+    def __deepcopy__(self, memo: dict) -> _DecodeStep:
+        return _DecodeStep()
+
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.fn = None
 
 
 def _compiled_step(model: torch.nn.Module) -> Any:
     """The decode step compiled once per model: fixed shapes, CUDA graphs replayed on every call."""
-    step = _COMPILED_STEPS.get(model)
-    if step is None:
+    holder = model.__dict__.get("_tidpo_decode_step")
+    if holder is None:
+        holder = model.__dict__["_tidpo_decode_step"] = _DecodeStep()
+    if holder.fn is None:
 
         def decode(
             name: str, cache: Any, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor
@@ -373,8 +389,8 @@ def _compiled_step(model: torch.nn.Module) -> Any:
             torch.compiler.cudagraph_mark_step_begin()
             return compiled(*args).clone()
 
-        _COMPILED_STEPS[model] = step
-    return step
+        holder.fn = step
+    return holder.fn
 
 
 def anchor_cache(model: torch.nn.Module, max_cache_len: int) -> StaticCache:
