@@ -44,7 +44,9 @@ def main() -> None:
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.arch), dtype=dtype).to(dev).eval()
+    model = (
+        AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.arch), dtype=dtype).to(dev).eval()
+    )
     ids = torch.randint(10, 1000, (args.rows, args.prompt_len), device=dev)
     mask = torch.ones_like(ids)
     mask[0, : args.prompt_len // 2] = 0  # one left-padded row
