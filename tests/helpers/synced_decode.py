@@ -31,10 +31,8 @@ def main(out: Path) -> None:
     model.register_forward_hook(lambda *_: calls.append(1))
     model._is_fsdp_managed_module = True
     synced = sample_completion_ids(model, ids, mask, **kw)
-    json.dump(
-        {"alone": alone.tolist(), "synced": synced.tolist(), "forwards": len(calls)},
-        open(out / f"rank{rank}.json", "w"),
-    )
+    result = {"alone": alone.tolist(), "synced": synced.tolist(), "forwards": len(calls)}
+    (out / f"rank{rank}.json").write_text(json.dumps(result))
     dist.destroy_process_group()
 
 
