@@ -354,7 +354,7 @@ class TIDPOTrainer(Trainer):
             "position_ids": _position_ids(attention_mask) if position_ids is None else position_ids,
             "use_cache": cache is not None,
         }
-        ref = self.ref_model if self.ref_model is not None else self.accelerator.unwrap_model(self.model)
+        ref = self._reference_module()
         if cache is not None:
             kwargs[cache_kwarg(self.accelerator.unwrap_model(ref))] = cache
         adapters_off = ref.disable_adapter() if self.ref_model is None else contextlib.nullcontext()
@@ -369,6 +369,11 @@ class TIDPOTrainer(Trainer):
             )
             return ReferenceHead(hidden, head.weight, head.bias, dtype)
 
+    def _reference_module(self) -> nn.Module:
+        """The reference: the separate reference model, or (LoRA) the unwrapped policy, which the
+        reference forwards run with its adapters disabled."""
+        return self.ref_model if self.ref_model is not None else self.accelerator.unwrap_model(self.model)
+
     def _reference_head(self, model: nn.Module) -> bool:
         """Whether the sequential KL gets the reference as hidden states + output layer this step.
 
@@ -381,8 +386,7 @@ class TIDPOTrainer(Trainer):
             return False
         if not checkpointing_in_use(self.accelerator.unwrap_model(model)):
             return False
-        ref = self.ref_model if self.ref_model is not None else self.accelerator.unwrap_model(model)
-        return decoder_and_head(ref) is not None
+        return decoder_and_head(self._reference_module()) is not None
 
     def _sample_anchors(self, model: nn.Module, inputs: dict[str, torch.Tensor]):
         """Sample one response per prompt from the current policy (spec section 5), no gradient.
@@ -644,8 +648,9 @@ class TIDPOTrainer(Trainer):
                 a_ids, a_cmask = completion, self._anchor_valid(completion)
                 a_attn, a_pos = continuation_inputs(prompt_lengths, prefix_len, a_cmask)
                 capture = PromptKV(self.accelerator.unwrap_model(model), n_pairs, prefix_len)
-                ref = self.ref_model if self.ref_model is not None else model  # LoRA: adapters disabled
-                ref_capture = PromptKV(self.accelerator.unwrap_model(ref), n_pairs, prefix_len)
+                ref_capture = PromptKV(
+                    self.accelerator.unwrap_model(self._reference_module()), n_pairs, prefix_len
+                )
             else:
                 a_ids, a_attn, a_cmask = self._anchor_rows(
                     inputs["prompt_input_ids"], inputs["prompt_attention_mask"].bool(), completion
