@@ -62,6 +62,10 @@ _WORDS = (
 CONFIGS: dict[str, tuple[dict[str, Any] | None, str]] = {
     "trl_dpo": (None, "TRL 1.16 DPOTrainer, sigmoid loss"),
     "dpo": ({"loss_type": "dpo"}, "ours, loss_type='dpo'"),
+    "dpo_rows": (
+        {"loss_type": "dpo", "share_prompt": False},
+        "ours, loss_type='dpo', each row forwards its prompt (share_prompt=False)",
+    ),
     "ti_separate": (
         {"loss_type": "ti_dpo", "gamma": 0.0, "tdpo_alpha": 0.0, "attribution_pass": "separate"},
         "TI-DPO gamma=0 alpha=0, separate attribution pass",
@@ -73,6 +77,16 @@ CONFIGS: dict[str, tuple[dict[str, Any] | None, str]] = {
     "ti_fused_kl": (
         {"loss_type": "ti_dpo", "gamma": 0.0, "tdpo_alpha": 0.5, "attribution_pass": "fused"},
         "TI-DPO gamma=0 alpha=0.5 (sequential KL), fused",
+    ),
+    "ti_fused_kl_rows": (
+        {
+            "loss_type": "ti_dpo",
+            "gamma": 0.0,
+            "tdpo_alpha": 0.5,
+            "attribution_pass": "fused",
+            "share_prompt": False,
+        },
+        "TI-DPO gamma=0 alpha=0.5, fused, share_prompt=False",
     ),
     "ti_full": (
         {"loss_type": "ti_dpo", "gamma": 0.1, "tdpo_alpha": 0.5, "attribution_pass": "fused"},
@@ -447,6 +461,11 @@ def report(entries: dict[str, Entry], parity: tuple[float, float] | None, args) 
             checks.append((f"1. TI-DPO {label}: time <= 1.30x DPO", t <= 1.30, f"{t:.2f}x"))
         if m is not None:
             checks.append((f"1. TI-DPO {label}: peak memory <= 1.15x DPO", m <= 1.15, f"{m:.2f}x"))
+    rows_t, rows_base = ratio_of("ti_fused_kl_rows", "time_ratio"), ratio_of("dpo_rows", "time_ratio")
+    if rows_t is not None and rows_base:
+        t = rows_t / rows_base
+        label = "1. share_prompt=False, TI-DPO gamma=0, alpha=0.5: time <= 1.30x DPO with share_prompt=False"
+        checks.append((label, t <= 1.30, f"{t:.2f}x"))
     t = ratio_of("ti_full", "time_ratio")
     if t is not None:
         checks.append(("2. full TI-DPO (anchors included): time <= 2.0x DPO", t <= 2.0, f"{t:.2f}x"))

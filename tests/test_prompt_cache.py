@@ -1,4 +1,5 @@
-"""The anchors' prompt-cache path (tidpo.prompt_cache) computes what full prompt + anchor rows compute."""
+"""The prompt-cache paths (tidpo.prompt_cache) compute what full rows compute: the anchors reading the
+chosen rows' prompt keys, and pair rows continuing a shared prompt prefix (share_prompt)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from tidpo.prompt_cache import (
     keep_cache_when_checkpointing,
     prompt_cache_unsupported,
     rows_start_with_prompts,
+    split_shared_prompt,
 )
 from tiny_setup import COMMON, CONFIGS, VOCAB, build, make_config, train_loss_and_grads
 
@@ -33,6 +35,108 @@ def test_continuation_inputs_by_hand():
     attn, pos = continuation_inputs(torch.tensor([2, 3]), 3, torch.tensor([[1, 1, 0], [1, 1, 1]]))
     assert attn.tolist() == [[1, 1, 0, 1, 1, 0], [1, 1, 1, 1, 1, 1]]
     assert pos.tolist() == [[2, 3, 4], [3, 4, 5]]
+
+
+def test_split_shared_prompt_by_hand():
+    # Pair 0: prompt [5, 6, 7], chosen response [8, 9], rejected [3]; pair 1: prompt [4, 2], chosen [1],
+    # rejected [7, 7, 7]. Rows right-padded with 0.
+    ids = torch.tensor([[5, 6, 7, 8, 9, 0], [4, 2, 1, 0, 0, 0], [5, 6, 7, 3, 0, 0], [4, 2, 7, 7, 7, 0]])
+    attn = (ids > 0).long()
+    cmask = torch.tensor([[0, 0, 0, 1, 1, 0], [0, 0, 1, 0, 0, 0], [0, 0, 0, 1, 0, 0], [0, 0, 1, 1, 1, 0]])
+    sp = split_shared_prompt(ids, attn, cmask, torch.tensor([3, 2]))
+    assert sp.prefix_ids.tolist() == [[5, 6], [4, 2]] and sp.prefix_mask.tolist() == [[1, 1], [1, 0]]
+    assert sp.starts.tolist() == [2, 1, 2, 1]
+    assert sp.ids.tolist() == [[7, 8, 9, 0], [2, 1, 0, 0], [7, 3, 0, 0], [2, 7, 7, 7]]
+    assert sp.valid.tolist() == [[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1]]
+    assert sp.completion.long().tolist() == [[0, 1, 1, 0], [0, 1, 0, 0], [0, 1, 0, 0], [0, 1, 1, 1]]
+    assert sp.gather(ids.float() * 10).tolist() == [
+        [70, 80, 90, 0],
+        [20, 10, 0, 0],
+        [70, 30, 0, 0],
+        [20, 70, 70, 70],
+    ]
+    assert sp.gather(torch.ones(4, 2), fill=-1.0)[0].tolist() == [-1, -1, -1, -1]  # narrower input: padded
+    mask, pos = sp.attention(sp.valid)
+    assert mask.tolist()[1] == [1, 0, 1, 1, 0, 0] and pos.tolist()[1] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("mode", ["sdpa", "eager", "sdpa+checkpointing"])
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
+def test_rows_continuing_a_shared_prompt_equal_the_full_rows(arch, mode):
+    """share_prompt's forward: one prefix forward per pair, both rows continuing it, gives the full rows'
+    logits, parameter gradients, and gradients at the response tokens' input embeddings (the
+    attribution, which then needs no backward through the prompt)."""
+    attention, checkpointing = mode.split("+")[0], mode.endswith("checkpointing")
+    config = CONFIGS[arch]()
+    config._attn_implementation = attention
+    model = build(config)
+    if checkpointing:
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        model.activation_checkpointing_enable({"use_reentrant": False})
+        model.train()
+        if arch not in CHECKPOINTING_MODEL_TYPES:
+            return  # prompt_cache_unsupported says so (previous test)
+    gen = torch.Generator().manual_seed(3)
+    n, width = 3, 12
+    lengths = torch.tensor([6, 2, 4])
+    ids = torch.randint(1, VOCAB, (2 * n, width), generator=gen)
+    ids[n:, :6] = ids[:n, :6]  # rejected rows start with the same prompts
+    ends = torch.tensor([12, 5, 9, 8, 12, 4])
+    steps = torch.arange(width)[None]
+    attn = (steps < ends[:, None]).long()
+    cmask = (steps >= lengths.repeat(2)[:, None]) & attn.bool()
+    weight = torch.randn(2 * n, width, VOCAB, generator=gen)
+    rows = torch.arange(2 * n)
+
+    def embed(input_ids):  # not detached: the embedding matrix gets the gradients of both layouts
+        return model.get_input_embeddings()(input_ids)
+
+    def run(loss_weight, embeds, forward, last):
+        """Logits, attribution (gradient of each row's last logits at the input embeddings), grads."""
+        model.zero_grad()
+        logits = forward(embeds)
+        (attr,) = torch.autograd.grad(logits[rows, last].sum(), embeds, retain_graph=True)
+        (logits * loss_weight).sum().backward()
+        return (
+            logits,
+            attr,
+            {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None},
+        )
+
+    sp = split_shared_prompt(ids, attn, cmask, lengths)
+    columns = sp.columns[..., None]
+    on_cont = ((steps >= sp.starts[:, None]) & attn.bool())[..., None]
+
+    def full_rows(embeds):
+        positions = (attn.cumsum(1) - 1).clamp(min=0)
+        return model(inputs_embeds=embeds, attention_mask=attn, position_ids=positions).logits
+
+    def continuations(embeds):
+        capture = PromptKV(model, n, sp.prefix_ids.size(1))
+        with keep_cache_when_checkpointing(model):
+            model(input_ids=sp.prefix_ids, attention_mask=sp.prefix_mask, cache=capture, use_cache=True)
+            mask, pos = sp.attention(sp.valid)
+            cache = capture.continuation(2)
+            return model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, cache=cache).logits
+
+    # The loss weights only the positions both layouts have (the full rows' prompt positions but the
+    # last are not in the continuations).
+    slow, slow_attr, slow_grads = run(weight * on_cont, embed(ids), full_rows, ends - 1)
+    cont_weight = weight.gather(1, columns.expand(-1, -1, VOCAB)) * sp.valid[..., None]
+    fast, fast_attr, fast_grads = run(cont_weight, embed(sp.ids), continuations, sp.valid.sum(1) - 1)
+
+    keep = sp.valid.bool()
+    torch.testing.assert_close(
+        fast[keep], slow.gather(1, columns.expand(-1, -1, VOCAB))[keep], rtol=1e-5, atol=1e-5
+    )
+    # Attribution on the continuation tokens (the responses and the prompt's last token) is unchanged.
+    want = slow_attr.gather(1, columns.expand(-1, -1, slow_attr.size(-1)))
+    torch.testing.assert_close(fast_attr[keep], want[keep], rtol=1e-4, atol=1e-6)
+    assert fast_grads.keys() == slow_grads.keys()
+    for name in fast_grads:
+        torch.testing.assert_close(fast_grads[name], slow_grads[name], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("mode", ["sdpa", "eager", "sdpa+checkpointing"])
@@ -177,19 +281,28 @@ def _step(trainer):
 def test_trainer_step_equals_the_full_row_layouts(
     tmp_path, tiny_tok, tiny_llama, pairs_dataset, attribution_pass, slow_layout, lora, checkpointing
 ):
-    """Full TI-DPO (KL + a live triplet term): the prompt-cache layout gives the loss, gradients and
-    triplet metrics of the full-row layouts it replaces; under LoRA the reference side (adapters
+    """Full TI-DPO (KL + a live triplet term): the fast layouts give the loss, gradients and triplet
+    metrics of the full-row layouts they replace: anchors reading the chosen rows' prompt keys
+    ("prompt_cache"), and all rows continuing a shared prompt prefix (share_prompt; anchors
+    "continuation", or full rows with anchor_prompt_cache=False). Under LoRA the reference side (adapters
     disabled) takes the same path; with (non-reentrant) gradient checkpointing too (opted in: auto
-    leaves it off there, see the next test)."""
+    leaves both off there, see the next test)."""
+    opt_in = True if checkpointing else None
+    settings = {  # (share_prompt, anchor_prompt_cache) -> anchor layout
+        (False, False): slow_layout,
+        (False, opt_in): "prompt_cache",
+        (opt_in, opt_in): "continuation",
+        (True, False): "split",
+    }
     results = {}
-    fast_setting = True if checkpointing else None
-    for setting in (fast_setting, False):
+    for (share, anchor_cache), layout in settings.items():
         args = make_config(
             tmp_path,
             attribution_pass=attribution_pass,
             gamma=0.1,
             tdpo_alpha=0.5,
-            anchor_prompt_cache=setting,
+            share_prompt=share,
+            anchor_prompt_cache=anchor_cache,
             gradient_checkpointing=checkpointing,
         )
         peft_config = None
@@ -208,15 +321,18 @@ def test_trainer_step_equals_the_full_row_layouts(
             trainer.model.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False}
             )
-        results[setting] = _step(trainer)
-    fast, slow = results[fast_setting], results[False]
-    assert fast[3] == ["prompt_cache"] and slow[3] == [slow_layout]
-    assert fast[2]["triplet/loss"] > 0  # the anchors' path matters for the loss
-    assert fast[0] == pytest.approx(slow[0], rel=1e-5)
-    assert fast[2] == pytest.approx(slow[2], rel=1e-4)
-    assert fast[1].keys() == slow[1].keys()
-    for name in fast[1]:
-        torch.testing.assert_close(fast[1][name], slow[1][name], rtol=1e-4, atol=1e-6, msg=name)
+        results[share, anchor_cache] = result = _step(trainer)
+        assert result[3] == [layout], (share, anchor_cache)
+    slow = results[False, False]
+    assert slow[2]["triplet/loss"] > 0  # the anchors' path matters for the loss
+    for key, fast in results.items():
+        assert fast[0] == pytest.approx(slow[0], rel=1e-5), key
+        assert fast[2] == pytest.approx(slow[2], rel=1e-4), key
+        assert fast[1].keys() == slow[1].keys()
+        for name in fast[1]:
+            torch.testing.assert_close(
+                fast[1][name], slow[1][name], rtol=1e-4, atol=1e-6, msg=f"{key} {name}"
+            )
 
 
 def test_trainer_falls_back_where_the_cache_cannot_serve(

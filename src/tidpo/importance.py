@@ -127,7 +127,8 @@ def attribution_from_logits(
     return attribution_from_targets(targets, inputs_embeds, attention_mask, retain_graph)
 
 
-def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
+def accepts_logits_to_keep(model: torch.nn.Module) -> bool:
+    """Whether ``model.forward`` takes transformers' ``logits_to_keep`` (skip the LM head where unused)."""
     try:
         return "logits_to_keep" in inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
@@ -167,7 +168,7 @@ def gradient_attribution(model: torch.nn.Module, input_ids: Tensor, attention_ma
             embeds = model.get_input_embeddings()(input_ids).detach().requires_grad_(True)
             position_ids = (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)
             kwargs = {"inputs_embeds": embeds, "attention_mask": attention_mask, "position_ids": position_ids}
-            if _accepts_logits_to_keep(model):
+            if accepts_logits_to_keep(model):
                 # Only the last valid position's logits are needed: skip the [B, T, V] projection.
                 kwargs["logits_to_keep"] = last.unsqueeze(1)
             logits = model(**kwargs, use_cache=False).logits

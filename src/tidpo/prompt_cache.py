@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
@@ -32,11 +33,13 @@ from tidpo.models import base_model
 
 __all__ = [
     "PromptKV",
+    "SharedPrompt",
     "checkpointing_in_use",
     "continuation_inputs",
     "keep_cache_when_checkpointing",
     "prompt_cache_unsupported",
     "rows_start_with_prompts",
+    "split_shared_prompt",
 ]
 
 # Architectures whose equality with the full-row forward the test suite checks on tiny random models
@@ -153,15 +156,24 @@ class PromptKV(Cache):
         n_layers = len(DynamicCache(config=config).layers)
         super().__init__(layers=[_PromptLayer(rows, length) for _ in range(n_layers)])
 
-    def continuation(self) -> Cache:
-        """A cache holding the captured prompts, for a forward that continues them (keeps the graph)."""
+    def continuation(self, repeats: int = 1) -> Cache:
+        """A cache holding the captured prompts, for a forward that continues them (keeps the graph).
+
+        ``repeats`` tiles the prompts along the batch (row ``r`` continues prompt ``r % rows``), e.g. 2 for
+        chosen and rejected rows continuing the same prompts; their gradients add up in the prompts' graph.
+        """
         missing = [i for i, layer in enumerate(self.layers) if layer.prompt is None]
         if missing:
             raise RuntimeError(
                 f"tidpo: the model did not pass layers {missing} through the cache, so the anchors cannot "
                 "reuse the prompts' keys and values; set anchor_prompt_cache=False."
             )
-        return Cache(layers=[_ContinuationLayer(*layer.prompt) for layer in self.layers])
+        return Cache(
+            layers=[
+                _ContinuationLayer(*(t.repeat(repeats, 1, 1, 1) if repeats > 1 else t for t in layer.prompt))
+                for layer in self.layers
+            ]
+        )
 
 
 class _ContinuationLayer(DynamicLayer):
@@ -209,3 +221,64 @@ def rows_start_with_prompts(
     same = (rows[:, :cols] == left) | (j >= lengths[:, None])
     starts = completion_mask.long().argmax(1)
     return bool(same.all()) and torch.equal(starts, lengths)
+
+
+@dataclass
+class SharedPrompt:
+    """Pair rows re-cut as one prompt prefix per pair plus continuations (:func:`split_shared_prompt`).
+
+    Row ``r`` of ``[chosen; rejected]`` is ``prefix[r % n] + ids[r]``: the prefix is the prompt minus its
+    last token, and the continuation starts with that last token, so the continuation's logits at
+    position ``j`` predict its token ``j + 1`` exactly as the full row's do, and every per-position
+    computation (log-probs, KL, attribution, weights) runs on the continuation unchanged.
+    """
+
+    prefix_ids: torch.Tensor  # [n, P] right-padded prompts without their last token
+    prefix_mask: torch.Tensor  # [n, P] long
+    ids: torch.Tensor  # [R, W] continuations, right-padded
+    valid: torch.Tensor  # [R, W] long: the continuation's real tokens
+    completion: torch.Tensor  # [R, W] bool: the response tokens (not the prompt's last token)
+    columns: torch.Tensor  # [R, W] the full row's column of each continuation position
+    starts: torch.Tensor  # [R] prefix length of each row's prompt
+
+    def attention(self, valid: torch.Tensor, starts: torch.Tensor | None = None):
+        """(attention mask over prefix + continuation, position ids) for continuation rows ``valid``."""
+        return continuation_inputs(self.starts if starts is None else starts, self.prefix_ids.shape[1], valid)
+
+    def gather(self, full: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+        """A ``[R, T']`` tensor aligned with the full rows, re-aligned with the continuations."""
+        width = int(self.columns.max()) + 1
+        if full.shape[1] < width:  # e.g. cached reference log-probs cut at the longest row of their batch
+            full = torch.nn.functional.pad(full, (0, width - full.shape[1]), value=fill)
+        return full.gather(1, self.columns).masked_fill(~self.valid.bool(), fill)
+
+
+def split_shared_prompt(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    completion_mask: torch.Tensor,
+    prompt_lengths: torch.Tensor,
+) -> SharedPrompt:
+    """Cut right-padded pair rows ``[chosen; rejected]`` (``2n`` rows, pair ``b``'s rows ``b`` and
+    ``n + b`` starting with its prompt of ``prompt_lengths[b] >= 2`` tokens) into :class:`SharedPrompt`.
+
+    The caller checks that the rows do start with their prompts (:func:`rows_start_with_prompts`).
+    """
+    n = prompt_lengths.shape[0]
+    rows, full_width = input_ids.shape
+    starts = (prompt_lengths - 1).repeat(rows // n)
+    prefix_width = int(starts.max())
+    prefix_mask = (torch.arange(prefix_width, device=input_ids.device)[None] < starts[:n, None]).long()
+    lengths = attention_mask.sum(1) - starts  # tokens from the prompt's last on (right padding)
+    steps = torch.arange(int(lengths.max()), device=input_ids.device)[None]
+    valid = steps < lengths[:, None]
+    columns = (starts[:, None] + steps).clamp(max=full_width - 1)
+    return SharedPrompt(
+        prefix_ids=input_ids[:n, :prefix_width],
+        prefix_mask=prefix_mask,
+        ids=input_ids.gather(1, columns).masked_fill(~valid, 0),
+        valid=valid.long(),
+        completion=completion_mask.bool().gather(1, columns) & valid,
+        columns=columns,
+        starts=starts,
+    )

@@ -68,6 +68,18 @@ class TIDPOConfig(TrainingArguments):
             (one extra backward to the input embeddings, no extra forward); `"separate"` runs its own
             forward in eval mode first. They give the same weights when the model has no active dropout.
 
+        share_prompt (`bool` or `None`, defaults to `None`):
+            Forward each pair's prompt once for both of its rows: the prompt without its last token runs as
+            its own forward, and the chosen and rejected rows continue its keys and values
+            (`tidpo.prompt_cache.SharedPrompt`). Same loss and gradients as forwarding `prompt + response`
+            twice, without the prompt's second share of the policy forward, its backward and the reference
+            forward; and the fused attribution's backward runs over the continuations only (the response
+            tokens' gradients never pass through the prompt's layers). Every loss type uses it, DPO too.
+            `None`: on where `anchor_prompt_cache` may apply (same architectures, attention kernels and
+            backends), every prompt has 2+ tokens and the weights' span is the response; off under
+            gradient checkpointing (not measured there; `True` opts in). `True` raises an error saying
+            why where it does not apply.
+
         > Anchors for the triplet term (spec section 5)
 
         anchor_max_new_tokens (`int`, defaults to `64`): longest anchor sampled from the policy.
@@ -92,7 +104,9 @@ class TIDPOConfig(TrainingArguments):
             gradient checkpointing `None` keeps full rows: the anchors' gradient would make every
             checkpointed pair layer's recomputed activations live at once (measured: peak memory 1.83x
             DPO against 1.34x, for 4-5% less time); `True` opts in there (non-reentrant checkpointing, not
-            GPT-2). `True` raises an error saying why where it does not apply.
+            GPT-2). `True` raises an error saying why where it does not apply. With `share_prompt` on, the
+            anchors continue the pair rows' shared prompt prefix instead (same saving; `False` gives them
+            full rows in their own forward).
 
         > Data
 
@@ -142,6 +156,11 @@ class TIDPOConfig(TrainingArguments):
     sigma_div: float = field(default=4.0, metadata={"help": "sigma = max(1, n / sigma_div) (Eq. 7)."})
     importance_span: str = field(default="response", metadata={"help": f"One of {IMPORTANCE_SPANS}."})
     attribution_pass: str = field(default="fused", metadata={"help": f"One of {ATTRIBUTION_PASSES}."})
+
+    share_prompt: bool | None = field(
+        default=None,
+        metadata={"help": "Forward each pair's prompt once; chosen and rejected continue it (None = auto)."},
+    )
 
     anchor_max_new_tokens: int = field(default=64, metadata={"help": "Longest policy-sampled anchor."})
     anchor_temperature: float = field(default=0.8, metadata={"help": "Anchor sampling temperature."})

@@ -34,16 +34,25 @@ from transformers.utils import logging
 
 from tidpo.data import ROW_ID_COLUMN, PreferenceCollator, prepare_preference_dataset
 from tidpo.generation import anchor_cache, sample_completion_ids
-from tidpo.importance import attribution_from_targets, importance_weights
+from tidpo.importance import accepts_logits_to_keep, attribution_from_targets, importance_weights
 from tidpo.losses import dpo_loss, ipo_loss, simpo_loss, triplet_terms, weighted_preference_loss
-from tidpo.models import cache_kwarg, decoder_and_head, ensure_pad_token, load_causal_lm, load_tokenizer
+from tidpo.models import (
+    base_model,
+    cache_kwarg,
+    decoder_and_head,
+    ensure_pad_token,
+    load_causal_lm,
+    load_tokenizer,
+)
 from tidpo.prompt_cache import (
     PromptKV,
+    SharedPrompt,
     checkpointing_in_use,
     continuation_inputs,
     keep_cache_when_checkpointing,
     prompt_cache_unsupported,
     rows_start_with_prompts,
+    split_shared_prompt,
 )
 from tidpo.tokenops import (
     NonFiniteError,
@@ -248,7 +257,7 @@ class TIDPOTrainer(Trainer):
         }
         self._nonfinite_skipped = 0
         self._anchor_caches: dict[int, StaticCache] = {}  # batch size -> static KV cache for anchors
-        self._prompt_cache_reasons: set[str] = set()  # why anchor_prompt_cache fell back, logged once each
+        self._fallbacks_logged: set[str] = set()  # why a speed path fell back, logged once each
 
         # Sharded like the policy under ZeRO-3 / FSDP, a device replica otherwise (distributed.py).
         self.ref_model = (
@@ -345,9 +354,13 @@ class TIDPOTrainer(Trainer):
         cache: Any = None,
         position_ids: torch.Tensor | None = None,
         as_head: bool = False,
-    ) -> torch.Tensor | ReferenceHead:
+        prefix_only: bool = False,
+    ) -> torch.Tensor | ReferenceHead | None:
         """The reference's logits, or with ``as_head`` its final hidden states and output layer
-        (:class:`ReferenceHead`, for :meth:`_reference_head` models) so the logits are never held whole."""
+        (:class:`ReferenceHead`, for :meth:`_reference_head` models) so the logits are never held whole.
+
+        ``prefix_only``: a forward for its keys and values alone (into ``cache``); returns None.
+        """
         kwargs = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
@@ -355,10 +368,15 @@ class TIDPOTrainer(Trainer):
             "use_cache": cache is not None,
         }
         ref = self._reference_module()
+        if prefix_only and accepts_logits_to_keep(base_model(ref)):
+            kwargs["logits_to_keep"] = 1
         if cache is not None:
             kwargs[cache_kwarg(self.accelerator.unwrap_model(ref))] = cache
         adapters_off = ref.disable_adapter() if self.ref_model is None else contextlib.nullcontext()
         with torch.no_grad(), adapters_off:
+            if prefix_only:
+                ref(**kwargs)
+                return None
             if not as_head:
                 return ref(**kwargs).logits
             decoder, head = decoder_and_head(ref)
@@ -490,9 +508,13 @@ class TIDPOTrainer(Trainer):
         width = int(valid.sum(1).max())
         return ids[:, :width], valid[:, :width].long(), is_completion[:, :width]
 
-    def _anchor_layout(self, model: nn.Module, inputs: dict[str, torch.Tensor], fused: bool) -> str:
+    def _anchor_layout(
+        self, model: nn.Module, inputs: dict[str, torch.Tensor], fused: bool, shared: bool
+    ) -> str:
         """How the anchors enter the step's forwards (see `_compute_loss`)."""
         setting = self.args.anchor_prompt_cache
+        if shared:  # the pair rows continue a shared prompt prefix: the anchors continue it too
+            return "split" if setting is False else "continuation"
         if setting is not False:
             reason = self._prompt_cache_unsupported(model, inputs)
             if (
@@ -513,13 +535,50 @@ class TIDPOTrainer(Trainer):
                     f"anchor_prompt_cache=True, but the anchors cannot reuse the prompts' keys/values: {reason}. "
                     "Set anchor_prompt_cache=None (auto) or False."
                 )
-            if reason not in self._prompt_cache_reasons:  # once per reason, not every step
-                self._prompt_cache_reasons.add(reason)
-                logger.info(f"tidpo: anchors forward full prompt + anchor rows (no prompt cache): {reason}.")
+            self._log_fallback(f"anchors forward full prompt + anchor rows (no prompt cache): {reason}.")
         return "split" if fused else "joint"
 
-    def _prompt_cache_unsupported(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> str | None:
-        if "ref_logps" in inputs:
+    def _log_fallback(self, message: str) -> None:
+        if message not in self._fallbacks_logged:  # once per reason, not every step
+            self._fallbacks_logged.add(message)
+            logger.info(f"tidpo: {message}")
+
+    def _shared_prompt(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> SharedPrompt | None:
+        """The pair rows cut into a shared prompt prefix and continuations (`share_prompt`), or None."""
+        setting = self.args.share_prompt
+        if setting is False:
+            return None
+        args = self.args
+        reason = None
+        if args.importance_span == "sequence" and args.effective_importance_mode not in (
+            "uniform",
+            "dataset",
+        ):
+            reason = "importance_span='sequence' weights the prompt's tokens too"
+        reason = reason or self._prompt_cache_unsupported(model, inputs, both_rows=True)
+        if reason is None and setting is None and checkpointing_in_use(self.accelerator.unwrap_model(model)):
+            reason = "gradient checkpointing (not measured there; True opts in)"
+        if reason is not None:
+            if setting:
+                raise ValueError(
+                    f"share_prompt=True, but the pair rows cannot continue a shared prompt: {reason}. "
+                    "Set share_prompt=None (auto) or False."
+                )
+            self._log_fallback(f"each pair row forwards its own prompt (no share_prompt): {reason}.")
+            return None
+        return split_shared_prompt(
+            inputs["input_ids"],
+            inputs["attention_mask"],
+            inputs["completion_mask"],
+            inputs["prompt_attention_mask"].sum(1),
+        )
+
+    def _prompt_cache_unsupported(
+        self, model: nn.Module, inputs: dict[str, torch.Tensor], both_rows: bool = False
+    ) -> str | None:
+        """Why a forward cannot reuse the prompts' keys/values: the anchors' (after the chosen rows'), or
+        with ``both_rows`` the chosen and rejected rows' (after a prompt prefix forward, `share_prompt`)."""
+        if "ref_logps" in inputs and not both_rows:
             return "the reference log-probs are precomputed, so no reference forward over the prompts runs"
         if not fused_attribution_supported(self.accelerator):
             return "DeepSpeed / FSDP (the anchors join the pairs' forward, one parameter gather)"
@@ -528,18 +587,25 @@ class TIDPOTrainer(Trainer):
                 reason = prompt_cache_unsupported(self.accelerator.unwrap_model(candidate))
                 if reason is not None:
                     return f"the {label}: {reason}"
-        # The chosen rows must start with exactly the prompts the anchors were sampled from (true for
-        # PreferenceCollator batches; a custom data_collator might differ).
-        n_pairs = inputs["prompt_input_ids"].size(0)
-        if int(inputs["prompt_attention_mask"].sum(1).min()) < 1:
+        prompt_ids, prompt_mask = inputs["prompt_input_ids"], inputs["prompt_attention_mask"]
+        n_pairs = prompt_ids.size(0)
+        shortest = int(prompt_mask.sum(1).min())
+        if shortest < 1:
             return "a prompt is empty (its first anchor token has no prompt position to be predicted from)"
-        if not rows_start_with_prompts(
-            inputs["input_ids"][:n_pairs],
-            inputs["completion_mask"][:n_pairs],
-            inputs["prompt_input_ids"],
-            inputs["prompt_attention_mask"],
-        ):
-            return "the chosen rows do not start with the sampled prompts (a custom data_collator?)"
+        if both_rows and shortest < 2:
+            return "a prompt has a single token (nothing to share before the token each row continues from)"
+        ids, cmask, attn = inputs["input_ids"], inputs["completion_mask"], inputs["attention_mask"]
+        # The rows must start with exactly the prompts (true for PreferenceCollator batches; a custom
+        # data_collator might differ), and be right-padded.
+        for name, rows in (("chosen", slice(0, n_pairs)), ("rejected", slice(n_pairs, 2 * n_pairs))):
+            if not rows_start_with_prompts(ids[rows], cmask[rows], prompt_ids, prompt_mask):
+                return f"the {name} rows do not start with the sampled prompts (a custom data_collator?)"
+            if not both_rows:
+                break
+        if both_rows:
+            steps = torch.arange(attn.size(1), device=attn.device)[None]
+            if not torch.equal(attn.bool(), steps < attn.sum(1, keepdim=True)):
+                return "the pair rows are not right-padded (a custom data_collator?)"
         return None
 
     # ------------------------------------------------------------------ the loss
@@ -572,8 +638,11 @@ class TIDPOTrainer(Trainer):
         fused: bool,
         cache: Any = None,
         position_ids: torch.Tensor | None = None,
+        prefix_only: bool = False,
     ):
         """Policy forward through the (wrapped) model; returns (outputs, input embeddings or None).
+
+        ``prefix_only``: a forward for its keys and values alone (into ``cache``; one position's logits).
 
         The input embeddings are captured through a hook, so the forward still goes through the wrapped
         model (DDP / DeepSpeed / FSDP bookkeeping) and the fused attribution gradient can target them.
@@ -592,6 +661,8 @@ class TIDPOTrainer(Trainer):
         extra = {}
         if cache is not None:
             extra[cache_kwarg(bare)] = cache
+        if prefix_only and accepts_logits_to_keep(base_model(bare)):
+            extra["logits_to_keep"] = 1
         # The prompt caches only read or capture keys, so checkpointed layers may keep them (prompt_cache).
         keep_cache = keep_cache_when_checkpointing(bare) if cache is not None else contextlib.nullcontext()
         try:
@@ -628,7 +699,25 @@ class TIDPOTrainer(Trainer):
         if args.uses_attribution and not fused:
             scores = separate_attribution(model, self.accelerator, ids, attn)
 
-        # Anchors (spec section 5), in one of three layouts (`_anchor_layout`):
+        # share_prompt: each pair's prompt (minus its last token) is forwarded once, and the pair rows
+        # become continuations of it (`SharedPrompt`); every per-position tensor below is then in the
+        # continuations' frame, which predicts the same tokens from the same positions.
+        shared = self._shared_prompt(model, inputs)
+        policy = self.accelerator.unwrap_model(model)
+        capture = ref_capture = None
+        if shared is not None:
+            ids, attn, cmask = shared.ids, shared.valid, shared.completion
+            width = ids.size(1)
+            if scores is not None:
+                scores = shared.gather(scores)
+            capture = PromptKV(policy, n_pairs, shared.prefix_ids.size(1))
+            self._policy_forward(
+                model, shared.prefix_ids, shared.prefix_mask, False, cache=capture, prefix_only=True
+            )
+
+        # Anchors (spec section 5), in one of four layouts (`_anchor_layout`):
+        # - "continuation" (share_prompt): anchor rows continue the pairs' shared prompt prefix, joined to
+        #   the pairs' forward, or in their own forward when the fused attribution needs the pairs' alone;
         # - "prompt_cache": their own forward over the anchor tokens only, attending to the prompts' keys
         #   and values captured from the pairs' forward (tidpo.prompt_cache); the first anchor token is
         #   predicted at the prompt's last position of the chosen row;
@@ -638,16 +727,21 @@ class TIDPOTrainer(Trainer):
         #   ZeRO-3 / FSDP, where the attribution is a separate pass anyway).
         a_ids = a_attn = a_cmask = a_pos = None
         layout = None
-        capture = ref_capture = None
         if args.uses_triplet:
             completion = self._sample_anchors(model, inputs)
-            layout = self._anchor_layout(model, inputs, fused)
-            if layout == "prompt_cache":
+            layout = self._anchor_layout(model, inputs, fused, shared is not None)
+            if layout == "continuation":
+                # Like the pair rows: the prompt's last token, then the anchor.
+                valid = self._anchor_valid(completion)
+                a_ids = torch.cat([ids[:n_pairs, :1], completion], dim=1)
+                a_attn = torch.cat([torch.ones_like(valid[:, :1]), valid], dim=1).long()
+                a_cmask = torch.cat([torch.zeros_like(valid[:, :1]), valid], dim=1)
+            elif layout == "prompt_cache":
                 prompt_lengths = inputs["prompt_attention_mask"].sum(1)
                 prefix_len = int(prompt_lengths.max())
                 a_ids, a_cmask = completion, self._anchor_valid(completion)
                 a_attn, a_pos = continuation_inputs(prompt_lengths, prefix_len, a_cmask)
-                capture = PromptKV(self.accelerator.unwrap_model(model), n_pairs, prefix_len)
+                capture = PromptKV(policy, n_pairs, prefix_len)
                 ref_capture = PromptKV(
                     self.accelerator.unwrap_model(self._reference_module()), n_pairs, prefix_len
                 )
@@ -655,7 +749,7 @@ class TIDPOTrainer(Trainer):
                 a_ids, a_attn, a_cmask = self._anchor_rows(
                     inputs["prompt_input_ids"], inputs["prompt_attention_mask"].bool(), completion
                 )
-        joint = layout == "joint"
+        joint = layout == "joint" or (layout == "continuation" and not fused)
         if joint:
             full = max(width, a_ids.size(1))
             ids, attn, cmask = _pad_to(ids, full, pad), _pad_to(attn, full, 0), _pad_to(cmask, full, False)
@@ -663,13 +757,24 @@ class TIDPOTrainer(Trainer):
             a_cmask = _pad_to(a_cmask, full, False)
 
         fwd_ids, fwd_attn = (torch.cat([ids, a_ids]), torch.cat([attn, a_attn])) if joint else (ids, attn)
-        outputs, embeds = self._policy_forward(model, fwd_ids, fwd_attn, fused, cache=capture)
+        fwd_pos = pair_cache = None
+        if shared is not None:  # continuations attend to the prefix: mask over prefix + own tokens
+            repeats = fwd_ids.size(0) // n_pairs
+            fwd_attn, fwd_pos = shared.attention(fwd_attn, shared.starts[:n_pairs].repeat(repeats))
+            pair_cache = capture.continuation(repeats)
+        elif layout == "prompt_cache":
+            pair_cache = capture
+        if layout == "continuation" and not joint:
+            a_attn, a_pos = shared.attention(a_attn, shared.starts[:n_pairs])
+        outputs, embeds = self._policy_forward(
+            model, fwd_ids, fwd_attn, fused, cache=pair_cache, position_ids=fwd_pos
+        )
         logits = outputs.logits[:n_rows]  # a view: first-dimension slices of contiguous logits stay so
         a_logits = None
         if joint:
             a_logits = outputs.logits[n_rows:]
         elif layout is not None:
-            cont = capture.continuation() if capture is not None else None
+            cont = capture.continuation() if layout in ("prompt_cache", "continuation") else None
             a_logits = self._policy_forward(model, a_ids, a_attn, False, cache=cont, position_ids=a_pos)[
                 0
             ].logits
@@ -681,7 +786,7 @@ class TIDPOTrainer(Trainer):
             last = _last_valid_index(attn)
             rows = torch.arange(n_rows, device=ids.device)
             last_logits = logits[rows, last]
-            head = self.accelerator.unwrap_model(model).get_output_embeddings()
+            head = policy.get_output_embeddings()
             hidden_logits = head(outputs.hidden_states[-1][rows, last]) if head is not None else None
             if hidden_logits is not None and torch.allclose(
                 hidden_logits.float(), last_logits.float(), rtol=1e-3, atol=1e-3
@@ -693,16 +798,29 @@ class TIDPOTrainer(Trainer):
         # Reference forwards and the per-token log-probs (only response positions enter any loss).
         ref_logits = a_ref_logits = None
         cached = "ref_logps" in inputs  # never together with the KL (the config refuses it)
+        ref_pairs = args.uses_reference and (not cached or args.uses_sequential_kl)
+        if shared is not None and (ref_pairs or (args.uses_reference and args.uses_triplet)):
+            ref_capture = PromptKV(
+                self.accelerator.unwrap_model(self._reference_module()), n_pairs, shared.prefix_ids.size(1)
+            )
+            self._reference_logits(shared.prefix_ids, shared.prefix_mask, cache=ref_capture, prefix_only=True)
         if args.uses_reference:
             if joint:
-                both = self._reference_logits(fwd_ids, fwd_attn)
+                cache = ref_capture.continuation(fwd_ids.size(0) // n_pairs) if shared is not None else None
+                both = self._reference_logits(fwd_ids, fwd_attn, cache=cache, position_ids=fwd_pos)
                 ref_logits, a_ref_logits = both[:n_rows], both[n_rows:]
             else:
-                if not cached or args.uses_sequential_kl:
+                if ref_pairs:
                     as_head = args.uses_sequential_kl and self._reference_head(model)
-                    ref_logits = self._reference_logits(ids, attn, cache=ref_capture, as_head=as_head)
+                    if shared is not None:
+                        cache = ref_capture.continuation(2)
+                    else:  # "prompt_cache": this forward captures the prompts for the anchors' below
+                        cache = ref_capture
+                    ref_logits = self._reference_logits(
+                        ids, fwd_attn, cache=cache, position_ids=fwd_pos, as_head=as_head
+                    )
                 if args.uses_triplet:
-                    cont = ref_capture.continuation() if ref_capture is not None else None
+                    cont = ref_capture.continuation() if layout in ("prompt_cache", "continuation") else None
                     a_ref_logits = self._reference_logits(a_ids, a_attn, cache=cont, position_ids=a_pos)
         kl = None
         if args.uses_sequential_kl:
@@ -712,11 +830,12 @@ class TIDPOTrainer(Trainer):
             policy_logps = token_logprobs(logits, ids, chunk_size=chunk, mask=cmask)
             ref_logps = None
             if args.uses_reference:
-                ref_logps = (
-                    _pad_to(inputs["ref_logps"].float(), ids.size(1), 0.0)
-                    if cached
-                    else token_logprobs(ref_logits, ids, chunk_size=chunk, mask=cmask)
-                )
+                if not cached:
+                    ref_logps = token_logprobs(ref_logits, ids, chunk_size=chunk, mask=cmask)
+                elif shared is not None:
+                    ref_logps = _pad_to(shared.gather(inputs["ref_logps"].float()), ids.size(1), 0.0)
+                else:
+                    ref_logps = _pad_to(inputs["ref_logps"].float(), ids.size(1), 0.0)
         check_finite(
             "policy log-probs",
             policy_logps.masked_fill(~cmask, 0.0),
@@ -758,6 +877,7 @@ class TIDPOTrainer(Trainer):
                     "'chosen_weights' and 'rejected_weights' columns (one float per response token)."
                 )
             weights = inputs["token_weights"].float()
+            weights = shared.gather(weights) if shared is not None else weights
         else:
             generator = None
             if mode == "random":
