@@ -425,7 +425,7 @@ def report(entries: dict[str, Entry], parity: tuple[float, float] | None, args) 
     results: dict[str, Any] = {"clock": clock, "configs": {}}
     print(f"\nRatios use the median {'process CPU' if clock == 'cpu' else 'wall-clock'} time per step.")
     header = (
-        f"{'config':<12} {'wall s':>7} {'cpu s':>7} {'cpu min':>7} {'cpu max':>7} {'peak MiB':>9} "
+        f"{'config':<16} {'wall s':>7} {'cpu s':>7} {'cpu min':>7} {'cpu max':>7} {'peak MiB':>9} "
         f"{'time/dpo':>8} {'mem/dpo':>8} {'anchor s':>8}  description"
     )
     print(header + "\n" + "-" * len(header))
@@ -444,7 +444,7 @@ def report(entries: dict[str, Entry], parity: tuple[float, float] | None, args) 
         results["configs"][name] = row
         cpu = entry.cpu_times
         print(
-            f"{name:<12} {_fmt(row['median_wall_s'], '7.2f')} {_fmt(row['median_cpu_s'], '7.2f')} "
+            f"{name:<16} {_fmt(row['median_wall_s'], '7.2f')} {_fmt(row['median_cpu_s'], '7.2f')} "
             f"{_fmt(min(cpu) if cpu else None, '7.2f')} {_fmt(max(cpu) if cpu else None, '7.2f')} "
             f"{_fmt(row['peak_mib'], '9.1f')} {_fmt(row['time_ratio'], '8.2f')} "
             f"{_fmt(row['mem_ratio'], '8.2f')} {_fmt(row['median_anchor_wall_s'], '8.2f')}  {CONFIGS[name][1]}"

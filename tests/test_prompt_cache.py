@@ -335,6 +335,115 @@ def test_trainer_step_equals_the_full_row_layouts(
             )
 
 
+def _shared_step(trainer, weights: bool = False):
+    """Train-mode loss, gradients and metrics, eval-mode loss, and whether share_prompt served them."""
+    used = []
+    choose = trainer._shared_prompt
+
+    def record(*args, **kwargs):
+        shared = choose(*args, **kwargs)
+        used.append(shared is not None)
+        return shared
+
+    trainer._shared_prompt = record
+    if weights:  # dataset-mode weights: a different weight per token, aligned with each full row
+        ds = trainer.train_dataset
+        for side in ("chosen", "rejected"):
+            ds = ds.add_column(
+                f"{side}_weights", [[1.0 + 0.1 * i for i in range(len(r))] for r in ds[f"{side}_input_ids"]]
+            )
+        trainer.train_dataset = ds
+    with torch.no_grad():
+        for p in trainer.model.parameters():
+            p.add_(0.05 * torch.randn_like(p, generator=torch.Generator().manual_seed(4)))
+    loss, grads = train_loss_and_grads(trainer)
+    metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+    trainer.model.eval()
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    with torch.no_grad():
+        eval_loss = trainer.compute_loss(trainer.model, batch).item()
+    return loss, grads, metrics, eval_loss, used
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"loss_type": "dpo"},
+        {"loss_type": "dpo", "precompute_ref_logps": True},
+        {"loss_type": "ipo"},
+        {"loss_type": "simpo"},
+        {"loss_type": "tdpo2"},
+        {"loss_type": "ti_dpo", "gamma": 0.0},
+        {"loss_type": "ti_dpo", "gamma": 0.0, "importance_mode": "dataset", "tdpo_alpha": 0.0},
+        {"loss_type": "ti_dpo", "gamma": 0.0, "importance_mode": "prior"},
+        {"loss_type": "dpo", "importance_span": "sequence"},  # uniform weights: the span is unused
+        {"loss_type": "ti_dpo", "gamma": 0.1, "tdpo_alpha": 0.0, "precompute_ref_logps": True},
+    ],
+    ids=lambda o: "-".join(f"{v}" for v in o.values()),
+)
+def test_share_prompt_gives_every_loss_the_full_rows_result(
+    tmp_path, tiny_tok, tiny_llama, pairs_dataset, overrides
+):
+    """share_prompt changes no number: loss, every gradient and every logged metric in training, and the
+    eval loss, for each loss type, with cached reference log-probs and with dataset weights (both
+    re-aligned with the continuations)."""
+    results = {}
+    for share in (None, False):
+        args = make_config(tmp_path, share_prompt=share, **overrides)
+        trainer = TIDPOTrainer(
+            copy.deepcopy(tiny_llama), args=args, train_dataset=pairs_dataset, processing_class=tiny_tok
+        )
+        results[share] = _shared_step(trainer, weights=overrides.get("importance_mode") == "dataset")
+    fast, slow = results[None], results[False]
+    assert fast[4] == [True, True] and slow[4] == [False, False]
+    assert fast[0] == pytest.approx(slow[0], rel=1e-5)
+    assert fast[3] == pytest.approx(slow[3], rel=1e-5)
+    assert fast[2].keys() == slow[2].keys()
+    for key in fast[2]:
+        assert fast[2][key] == pytest.approx(slow[2][key], rel=1e-4, abs=1e-6), key
+    assert fast[1].keys() == slow[1].keys()
+    for name in fast[1]:
+        torch.testing.assert_close(fast[1][name], slow[1][name], rtol=1e-4, atol=1e-6)
+
+
+def test_share_prompt_falls_back_and_says_why(tmp_path, tiny_tok, tiny_llama, pairs_dataset, caplog):
+    def trainer_with(**overrides):
+        args = make_config(tmp_path, gamma=0.0, **overrides)
+        return TIDPOTrainer(
+            copy.deepcopy(tiny_llama), args=args, train_dataset=pairs_dataset, processing_class=tiny_tok
+        )
+
+    # Weights normalised over the prompt too need the prompt's attribution: full rows.
+    trainer = trainer_with(importance_span="sequence")
+    with caplog.at_level("INFO", logger="tidpo.training.trainer"):
+        assert _shared_step(trainer)[4] == [False, False]
+    assert "no share_prompt" in caplog.text and "importance_span='sequence'" in caplog.text
+    with pytest.raises(ValueError, match=r"share_prompt=True.*importance_span='sequence'"):
+        _shared_step(trainer_with(importance_span="sequence", share_prompt=True))
+    # Gradient checkpointing: auto leaves it off, True opts in.
+    for setting, used in ((None, False), (True, True)):
+        trainer = trainer_with(share_prompt=setting, gradient_checkpointing=True)
+        trainer.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        assert _shared_step(trainer)[4][0] is used
+    # Batches it cannot serve.
+    trainer = trainer_with()
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    n = batch["prompt_input_ids"].size(0)
+    assert trainer._prompt_cache_unsupported(trainer.model, batch, both_rows=True) is None
+    changed = dict(batch, input_ids=batch["input_ids"].clone())
+    changed["input_ids"][n, 0] += 1  # a rejected row's prompt differs from its pair's
+    assert "rejected rows do not start" in trainer._prompt_cache_unsupported(
+        trainer.model, changed, both_rows=True
+    )
+    assert trainer._prompt_cache_unsupported(trainer.model, changed) is None  # the anchors only need chosen
+    short = dict(batch, prompt_attention_mask=batch["prompt_attention_mask"].clone())
+    short["prompt_attention_mask"][0, :-1] = 0
+    assert "single token" in trainer._prompt_cache_unsupported(trainer.model, short, both_rows=True)
+    holes = dict(batch, attention_mask=batch["attention_mask"].clone())
+    holes["attention_mask"][n, 0] = 0
+    assert "right-padded" in trainer._prompt_cache_unsupported(trainer.model, holes, both_rows=True)
+
+
 def test_trainer_falls_back_where_the_cache_cannot_serve(
     tmp_path, tiny_tok, tiny_llama, pairs_dataset, caplog
 ):
