@@ -250,8 +250,8 @@ def test_a_layer_that_skipped_the_cache_is_an_error():
 
 
 def _step(trainer):
-    """Loss, parameter gradients and triplet metrics of one compute_loss on the first batch, plus the
-    anchor layout it used."""
+    """Loss, parameter gradients and triplet metrics of one compute_loss on the first batch, plus how the
+    anchors were decoded ("past": from share_prompt's prefix keys, or "prompt") and their layout."""
     layouts = []
     choose = trainer._anchor_layout
 
@@ -260,6 +260,13 @@ def _step(trainer):
         return layouts[-1]
 
     trainer._anchor_layout = record
+    sample = trainer._sample_anchors
+
+    def record_past(model, inputs, past=None):
+        layouts.append("past" if past is not None else "prompt")
+        return sample(model, inputs, past)
+
+    trainer._sample_anchors = record_past
     with torch.no_grad():
         for p in trainer.model.parameters():
             p.add_(0.05 * torch.randn_like(p, generator=torch.Generator().manual_seed(2)))
@@ -288,11 +295,11 @@ def test_trainer_step_equals_the_full_row_layouts(
     disabled) takes the same path; with (non-reentrant) gradient checkpointing too (opted in: auto
     leaves both off there, see the next test)."""
     opt_in = True if checkpointing else None
-    settings = {  # (share_prompt, anchor_prompt_cache) -> anchor layout
-        (False, False): slow_layout,
-        (False, opt_in): "prompt_cache",
-        (opt_in, opt_in): "continuation",
-        (True, False): "split",
+    settings = {  # (share_prompt, anchor_prompt_cache) -> (anchors decoded from, anchor layout)
+        (False, False): ["prompt", slow_layout],
+        (False, opt_in): ["prompt", "prompt_cache"],
+        (opt_in, opt_in): ["past", "continuation"],
+        (True, False): ["past", "split"],
     }
     results = {}
     for (share, anchor_cache), layout in settings.items():
@@ -322,7 +329,7 @@ def test_trainer_step_equals_the_full_row_layouts(
                 gradient_checkpointing_kwargs={"use_reentrant": False}
             )
         results[share, anchor_cache] = result = _step(trainer)
-        assert result[3] == [layout], (share, anchor_cache)
+        assert result[3] == layout, (share, anchor_cache)
     slow = results[False, False]
     assert slow[2]["triplet/loss"] > 0  # the anchors' path matters for the loss
     for key, fast in results.items():
@@ -439,6 +446,18 @@ def test_share_prompt_falls_back_and_says_why(tmp_path, tiny_tok, tiny_llama, pa
     short = dict(batch, prompt_attention_mask=batch["prompt_attention_mask"].clone())
     short["prompt_attention_mask"][0, :-1] = 0
     assert "single token" in trainer._prompt_cache_unsupported(trainer.model, short, both_rows=True)
+    # The anchors decode from the prefix forward's keys only when that forward ran without dropout.
+    prompts = batch["prompt_input_ids"]
+    trainer.model.train()
+    assert trainer._decode_from_prefix(trainer.model, prompts)
+    attention = [
+        m for m in trainer.model.modules() if isinstance(getattr(m, "attention_dropout", None), float)
+    ]
+    assert attention
+    attention[0].attention_dropout = 0.1
+    assert not trainer._decode_from_prefix(trainer.model, prompts)
+    trainer.model.eval()
+    assert trainer._decode_from_prefix(trainer.model, prompts)
     holes = dict(batch, attention_mask=batch["attention_mask"].clone())
     holes["attention_mask"][n, 0] = 0
     assert "right-padded" in trainer._prompt_cache_unsupported(trainer.model, holes, both_rows=True)
@@ -454,7 +473,7 @@ def test_trainer_falls_back_where_the_cache_cannot_serve(
     )
     trainer.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     with caplog.at_level("INFO", logger="tidpo.training.trainer"):
-        assert _step(trainer)[3] == ["split"]
+        assert _step(trainer)[3] == ["prompt", "split"]
     assert "memory saving" in caplog.text
     # Reentrant checkpointing runs the layers without a graph: auto uses full rows, True explains.
     for setting in (None, True):
@@ -472,7 +491,7 @@ def test_trainer_falls_back_where_the_cache_cannot_serve(
         trainer.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
         if setting is None:
             with caplog.at_level("INFO", logger="tidpo.training.trainer"):
-                assert _step(trainer)[3] == ["joint"]
+                assert _step(trainer)[3] == ["prompt", "joint"]
             assert "no prompt cache" in caplog.text and "reentrant" in caplog.text
         else:
             with pytest.raises(ValueError, match=r"anchor_prompt_cache=True.*reentrant"):

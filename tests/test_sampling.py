@@ -143,6 +143,46 @@ def test_greedy_decoding_equals_generate(arch, static):
     assert torch.equal(ours, reference), f"{arch}: {ours.tolist()} != {reference.tolist()}"
 
 
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
+def test_decoding_from_a_forwarded_prefix_equals_decoding_the_whole_prompt(arch):
+    """``past``: the prompts but their last tokens forwarded beforehand (right-padded, as share_prompt's
+    prefix forward leaves them), then only the last tokens' pass: the same greedy ids and, with the same
+    seed, the same sampled ids as decoding the left-padded prompts from scratch."""
+    from transformers import DynamicCache
+
+    model = build(CONFIGS[arch]())
+    eos = 2
+    with torch.no_grad():
+        model.get_output_embeddings().weight[eos] *= 4
+    ids, mask = _prompts(VOCAB, eos)
+    lengths = mask.sum(1)
+    width = int(lengths.max()) - 1
+    prefix = torch.zeros(ids.shape[0], width, dtype=torch.long)
+    prefix_mask = torch.zeros_like(prefix)
+    for b, n in enumerate(lengths.tolist()):
+        prefix[b, : n - 1] = ids[b, ids.shape[1] - n : -1]
+        prefix_mask[b, : n - 1] = 1
+    for sample in (False, True):
+        kw = dict(max_new_tokens=12, do_sample=sample, eos_token_id=eos, pad_token_id=0)
+        torch.manual_seed(5)
+        whole = sample_completion_ids(model, ids, mask, **kw)
+        cache = DynamicCache(config=model.config)
+        with torch.no_grad():
+            model(input_ids=prefix, attention_mask=prefix_mask, cache=cache, use_cache=True)
+        torch.manual_seed(5)
+        last = ids[:, -1:]
+        ours = sample_completion_ids(model, last, torch.ones_like(last), past=(cache, prefix_mask), **kw)
+        assert torch.equal(ours, whole), f"{arch}, sample={sample}: {ours.tolist()} != {whole.tolist()}"
+    with pytest.raises(ValueError, match="static_cache"):
+        sample_completion_ids(
+            model,
+            last,
+            torch.ones_like(last),
+            past=(cache, prefix_mask),
+            static_cache=anchor_cache(model, 30),
+        )
+
+
 def test_stopping_checked_every_few_tokens_trims_to_the_same_ids(monkeypatch):
     # On CUDA the loop asks "has every row stopped?" only every 8 tokens and trims afterwards.
     model = build(CONFIGS["llama"]())

@@ -22,6 +22,7 @@ from typing import Any, Union
 import torch
 import torch.distributed as dist
 from transformers import (
+    Cache,
     DynamicCache,
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -183,6 +184,7 @@ def sample_completion_ids(
     do_sample: bool = True,
     num_return_sequences: int = 1,
     static_cache: StaticCache | None = None,
+    past: tuple[Cache, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Sample continuations of LEFT-padded prompts and return only the new token ids.
 
@@ -204,6 +206,11 @@ def sample_completion_ids(
             CUDA graphs; eager decoding is bound by kernel launches there). Passing the same cache object
             on every call keeps its tensors at fixed addresses, so later calls replay the recorded graphs.
             Same distribution; only with ``num_return_sequences = 1``.
+        past: ``(cache, mask)`` when the prompts' first tokens were already forwarded: a growing cache
+            (e.g. ``DynamicCache``) holding their keys/values for the ``B`` rows, which this call extends,
+            and their ``[B, P0]`` attention mask (any padding pattern: a row's positions count its ones).
+            ``prompt_input_ids`` then holds the rest of each prompt (e.g. its last token), and the prompt
+            pass runs over those only. Not with ``static_cache``.
 
     Returns:
         ``LongTensor[B * num_return_sequences, N]`` with ``N <= max_new_tokens`` (generation stops when
@@ -243,6 +250,8 @@ def sample_completion_ids(
             "sample_completion_ids: no pad_token_id and no eos_token_id given or in the model config"
         )
     batch, prompt_len = prompt_input_ids.shape
+    if past is not None and static_cache is not None:
+        raise ValueError("sample_completion_ids: past extends a growing cache; it cannot fill static_cache")
     if static_cache is not None:
         needed = prompt_len + max_new_tokens
         size = static_cache.layers[0].max_cache_len
@@ -262,12 +271,22 @@ def sample_completion_ids(
     device = model_device(model)
     ids, mask = prompt_input_ids.to(device), prompt_attention_mask.to(device).long()
     k = num_return_sequences
+    past_mask = mask.new_zeros(batch, 0) if past is None else past[1].to(device).long()
+    if past_mask.shape[0] != batch:
+        raise ValueError(f"past's mask has {past_mask.shape[0]} rows, the prompts {batch}")
+    prompt_len += past_mask.shape[1]  # from here on: the columns of the whole prompt, past included
+    mask = torch.cat([past_mask, mask], 1)
     # Every position after the prompt is real; later ones are hidden by causality until decoded. A static
     # cache attends over its whole length, so its mask covers that length.
     width = static_cache.layers[0].max_cache_len if static_cache is not None else prompt_len + max_new_tokens
     full_mask = torch.cat([mask, mask.new_ones(batch, width - prompt_len)], 1).repeat_interleave(k, 0)
-    position = (mask.cumsum(-1) - 1).clamp(min=0)
-    cache = static_cache if static_cache is not None else DynamicCache(config=base_model(model).config)
+    position = (mask.cumsum(-1) - 1).clamp(min=0)[:, past_mask.shape[1] :]
+    if past is not None:
+        cache = past[0]
+    elif static_cache is not None:
+        cache = static_cache
+    else:
+        cache = DynamicCache(config=base_model(model).config)
     name = cache_kwarg(model)
     pick = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
     with eval_mode(model):

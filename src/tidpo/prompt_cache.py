@@ -155,6 +155,23 @@ class PromptKV(Cache):
         config = base_model(model).config.get_text_config(decoder=True)
         n_layers = len(DynamicCache(config=config).layers)
         super().__init__(layers=[_PromptLayer(rows, length) for _ in range(n_layers)])
+        self.config = config
+
+    def _captured(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        missing = [i for i, layer in enumerate(self.layers) if layer.prompt is None]
+        if missing:
+            raise RuntimeError(
+                f"tidpo: the model did not pass layers {missing} through the cache, so the prompts' keys and "
+                "values cannot be reused; set anchor_prompt_cache=False and share_prompt=False."
+            )
+        return [layer.prompt for layer in self.layers]
+
+    def decode_cache(self) -> DynamicCache:
+        """The captured prompts, detached, as a growing cache to decode continuations of them from."""
+        cache = DynamicCache(config=self.config)
+        for i, (keys, values) in enumerate(self._captured()):
+            cache.update(keys.detach(), values.detach(), i)
+        return cache
 
     def continuation(self, repeats: int = 1) -> Cache:
         """A cache holding the captured prompts, for a forward that continues them (keeps the graph).
@@ -162,16 +179,10 @@ class PromptKV(Cache):
         ``repeats`` tiles the prompts along the batch (row ``r`` continues prompt ``r % rows``), e.g. 2 for
         chosen and rejected rows continuing the same prompts; their gradients add up in the prompts' graph.
         """
-        missing = [i for i, layer in enumerate(self.layers) if layer.prompt is None]
-        if missing:
-            raise RuntimeError(
-                f"tidpo: the model did not pass layers {missing} through the cache, so the anchors cannot "
-                "reuse the prompts' keys and values; set anchor_prompt_cache=False."
-            )
         return Cache(
             layers=[
-                _ContinuationLayer(*(t.repeat(repeats, 1, 1, 1) if repeats > 1 else t for t in layer.prompt))
-                for layer in self.layers
+                _ContinuationLayer(*(t.repeat(repeats, 1, 1, 1) if repeats > 1 else t for t in prompt))
+                for prompt in self._captured()
             ]
         )
 

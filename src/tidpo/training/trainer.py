@@ -406,8 +406,12 @@ class TIDPOTrainer(Trainer):
             return False
         return decoder_and_head(self._reference_module()) is not None
 
-    def _sample_anchors(self, model: nn.Module, inputs: dict[str, torch.Tensor]):
+    def _sample_anchors(self, model: nn.Module, inputs: dict[str, torch.Tensor], past: Any = None):
         """Sample one response per prompt from the current policy (spec section 5), no gradient.
+
+        ``past``: ``(cache, mask, last_tokens)`` when the prompts but their last tokens are already in a
+        growing cache of the policy's keys/values (share_prompt's prefix forward): decoding then starts
+        from there (:meth:`_decode_from_prefix` says when that is exact).
 
         Returns the sampled ids ``[B, N]``: row ``b`` continues prompt ``b``, up to ``N`` tokens; positions
         after a row's first EOS are padding (:meth:`_anchor_valid`).
@@ -425,7 +429,7 @@ class TIDPOTrainer(Trainer):
             try:
                 # Whole weights for sampling: ZeRO-3 gathers them, FSDP keeps ranks in step.
                 with unwrapped_for_generation(model, self.accelerator) as bare:
-                    completion = self._sample(bare, prompt_ids, prompt_mask)
+                    completion = self._sample(bare, prompt_ids, prompt_mask, past)
             except RuntimeError as err:
                 # torch.multinomial's "probability tensor contains either inf, nan or element < 0".
                 if "inf" in str(err) and "nan" in str(err):
@@ -436,10 +440,15 @@ class TIDPOTrainer(Trainer):
                 raise
         return completion
 
-    def _sample(self, model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
+    def _sample(
+        self, model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, past: Any = None
+    ) -> torch.Tensor:
         args, tokenizer = self.args, self.processing_class
         policy = self.accelerator.unwrap_model(model)
         static = self._anchor_static_cache(prompt_ids)
+        if past is not None:
+            cache, past_mask, prompt_ids = past
+            past, prompt_mask = (cache, past_mask), torch.ones_like(prompt_ids, dtype=torch.bool)
         try:
             return sample_completion_ids(
                 policy,
@@ -452,6 +461,7 @@ class TIDPOTrainer(Trainer):
                 eos_token_id=tokenizer.eos_token_id,
                 pad_token_id=tokenizer.pad_token_id,
                 static_cache=self._anchor_cache(policy, prompt_ids) if static else None,
+                past=past,
             )
         except Exception as err:
             if static and hasattr(err, "add_note"):  # same exception, one more line in its message
@@ -461,6 +471,25 @@ class TIDPOTrainer(Trainer):
                     "anchor_static_cache=False."
                 )
             raise
+
+    def _decode_from_prefix(self, model: nn.Module, prompt_ids: torch.Tensor) -> bool:
+        """Whether the anchors may decode from the keys/values of share_prompt's prefix forward.
+
+        That forward ran in the step's mode: in training with dropout active its keys differ from what
+        sampling (no dropout) would compute. The kept static cache on CUDA is filled by its own prompt pass.
+        """
+        if self._anchor_static_cache(prompt_ids):
+            return False
+        policy = self.accelerator.unwrap_model(model)
+        if not policy.training:
+            return True
+        for module in policy.modules():
+            if isinstance(module, nn.Dropout) and module.p > 0:
+                return False
+            rate = getattr(module, "attention_dropout", None)  # Llama-style attention modules
+            if isinstance(rate, float) and rate > 0:
+                return False
+        return True
 
     def _anchor_static_cache(self, prompt_ids: torch.Tensor) -> bool:
         if self.args.anchor_static_cache is not None:
@@ -728,7 +757,10 @@ class TIDPOTrainer(Trainer):
         a_ids = a_attn = a_cmask = a_pos = None
         layout = None
         if args.uses_triplet:
-            completion = self._sample_anchors(model, inputs)
+            past = None
+            if shared is not None and self._decode_from_prefix(model, inputs["prompt_input_ids"]):
+                past = (capture.decode_cache(), shared.prefix_mask, shared.ids[:n_pairs, :1])
+            completion = self._sample_anchors(model, inputs, past)
             layout = self._anchor_layout(model, inputs, fused, shared is not None)
             if layout == "continuation":
                 # Like the pair rows: the prompt's last token, then the anchor.
