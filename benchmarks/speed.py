@@ -303,6 +303,8 @@ def build_entry(name: str, args, models, rows, workdir: str) -> Entry:
 
         if args.logits_chunk_size:
             overrides = {**overrides, "logits_chunk_size": args.logits_chunk_size}
+        if args.share_prompt != "auto" and "share_prompt" not in overrides:  # the *_rows configs keep False
+            overrides = {**overrides, "share_prompt": args.share_prompt == "true"}
         config = TIDPOConfig(
             beta=0.1,
             max_prompt_length=None,
@@ -512,6 +514,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=4, help="tiny: number of layers")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (both trainers)")
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument(
+        "--share-prompt",
+        choices=("auto", "true", "false"),
+        default="auto",
+        help="share_prompt of our configurations but the *_rows ones (auto is off under checkpointing)",
+    )
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")

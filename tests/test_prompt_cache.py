@@ -427,11 +427,17 @@ def test_share_prompt_falls_back_and_says_why(tmp_path, tiny_tok, tiny_llama, pa
     assert "no share_prompt" in caplog.text and "importance_span='sequence'" in caplog.text
     with pytest.raises(ValueError, match=r"share_prompt=True.*importance_span='sequence'"):
         _shared_step(trainer_with(importance_span="sequence", share_prompt=True))
-    # Gradient checkpointing: auto leaves it off, True opts in.
-    for setting, used in ((None, False), (True, True)):
-        trainer = trainer_with(share_prompt=setting, gradient_checkpointing=True)
-        trainer.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        assert _shared_step(trainer)[4][0] is used
+    # Gradient checkpointing: on when non-reentrant (the checkpointed layers keep the read-only caches);
+    # reentrant checkpointing runs the layers without a graph, so the prompts' keys would get no gradient.
+    for reentrant in (False, True):
+        trainer = trainer_with(gradient_checkpointing=True, attribution_pass="separate")
+        trainer.model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": reentrant}
+        )
+        caplog.clear()
+        with caplog.at_level("INFO", logger="tidpo.training.trainer"):
+            assert _shared_step(trainer)[4][0] is not reentrant
+        assert ("reentrant gradient checkpointing" in caplog.text) is reentrant
     # Batches it cannot serve.
     trainer = trainer_with()
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
@@ -466,8 +472,9 @@ def test_share_prompt_falls_back_and_says_why(tmp_path, tiny_tok, tiny_llama, pa
 def test_trainer_falls_back_where_the_cache_cannot_serve(
     tmp_path, tiny_tok, tiny_llama, pairs_dataset, caplog
 ):
+    # (share_prompt off: with it the anchors continue the shared prompt prefix instead.)
     # Checkpointing for memory: auto keeps full rows (the prompt cache would undo the memory saving).
-    args = make_config(tmp_path, gamma=0.1, gradient_checkpointing=True)
+    args = make_config(tmp_path, gamma=0.1, gradient_checkpointing=True, share_prompt=False)
     trainer = TIDPOTrainer(
         copy.deepcopy(tiny_llama), args=args, train_dataset=pairs_dataset, processing_class=tiny_tok
     )
@@ -484,6 +491,7 @@ def test_trainer_falls_back_where_the_cache_cannot_serve(
             anchor_prompt_cache=setting,
             gradient_checkpointing=True,
             attribution_pass="separate",
+            share_prompt=False,
         )
         trainer = TIDPOTrainer(
             copy.deepcopy(tiny_llama), args=args, train_dataset=pairs_dataset, processing_class=tiny_tok

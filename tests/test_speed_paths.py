@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from tidpo import TIDPOConfig, TIDPOTrainer
+from tidpo import TIDPOConfig, TIDPOTrainer, tokenops
 from tidpo.models import tiny_causal_lm
 from tidpo.profiling import peak_tensor_bytes
 from tidpo.tokenops import CPU_BLOCK_BYTES
@@ -132,11 +132,16 @@ def test_fused_ti_dpo_step_peak_memory_stays_near_dpo(tmp_path, tiny_tok, pairs_
 
 
 def test_kl_under_checkpointing_holds_the_reference_hidden_states_not_its_logits(
-    tmp_path, tiny_tok, pairs_dataset
+    tmp_path, tiny_tok, pairs_dataset, monkeypatch
 ):
     """Under gradient checkpointing the KL gets the reference as hidden states + output layer
     (`ReferenceHead`): same loss and gradients as with its logits, and its peak stays near DPO's, where
     holding the reference logits for the backward adds a full [B, T, V] float32 tensor (the control)."""
+    # The kernels' CPU blocks (4 MiB, and 24 MiB of logits per output-layer matmul) are small next to a
+    # real model's logits (SmolLM2, 4 pairs: ~200 MB) but not next to this tiny batch's (~4 MB, one block
+    # with share_prompt's shorter rows): scale them down alike.
+    monkeypatch.setattr(tokenops, "CPU_BLOCK_BYTES", CPU_BLOCK_BYTES // 8)
+    monkeypatch.setattr(tokenops, "CPU_HEAD_BYTES", CPU_BLOCK_BYTES // 8)
     vocab = 8192
     base = tiny_causal_lm("llama", tokenizer=tiny_tok, vocab_size=vocab, hidden_size=32, num_layers=1)
     peaks, results = {}, {}
@@ -156,7 +161,8 @@ def test_kl_under_checkpointing_holds_the_reference_hidden_states_not_its_logits
         reference_logits = trainer._reference_logits
 
         def spy(*args, reference_logits=reference_logits, used=used, **kwargs):
-            used.append(kwargs.get("as_head", False))
+            if not kwargs.get("prefix_only"):  # share_prompt's prompt forward returns no logits
+                used.append(kwargs.get("as_head", False))
             return reference_logits(*args, **kwargs)
 
         trainer._reference_logits = spy
@@ -175,7 +181,9 @@ def test_kl_under_checkpointing_holds_the_reference_hidden_states_not_its_logits
         trainer.model.zero_grad(set_to_none=True)
         results[name] = loss_and_grads(trainer, batch)
         assert set(used) == {head and name != "dpo"}, (name, used)
-    logits_bytes = batch["input_ids"].numel() * vocab * 4
+    shared = trainer._shared_prompt(trainer.model, batch)  # the logits cover the continuations only
+    assert shared is not None
+    logits_bytes = shared.ids.numel() * vocab * 4
     assert peaks["kl"] <= 1.15 * peaks["dpo"], (peaks, logits_bytes)
     assert peaks["kl_logits"] >= peaks["dpo"] + 0.9 * logits_bytes, (peaks, logits_bytes)
     (loss_h, grads_h, _), (loss_l, grads_l, _) = results["kl"], results["kl_logits"]

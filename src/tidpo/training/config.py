@@ -76,9 +76,10 @@ class TIDPOConfig(TrainingArguments):
             forward; and the fused attribution's backward runs over the continuations only (the response
             tokens' gradients never pass through the prompt's layers). Every loss type uses it, DPO too.
             `None`: on where `anchor_prompt_cache` may apply (same architectures, attention kernels and
-            backends), every prompt has 2+ tokens and the weights' span is the response; off under
-            gradient checkpointing (not measured there; `True` opts in). `True` raises an error saying
-            why where it does not apply.
+            backends; non-reentrant gradient checkpointing), every prompt has 2+ tokens and the weights'
+            span is the response. Under gradient checkpointing it also lowers peak memory (measured), so
+            unlike `anchor_prompt_cache` it stays on there; the anchors then continue the prompts too.
+            `True` raises an error saying why where it does not apply.
 
         > Anchors for the triplet term (spec section 5)
 
