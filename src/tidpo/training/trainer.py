@@ -612,7 +612,7 @@ class TIDPOTrainer(Trainer):
         if "ref_logps" in inputs and not both_rows:
             return "the reference log-probs are precomputed, so no reference forward over the prompts runs"
         if not fused_attribution_supported(self.accelerator):
-            return "DeepSpeed / FSDP (the anchors join the pairs' forward, one parameter gather)"
+            return "DeepSpeed / FSDP (each forward of its own is one more parameter gather)"
         for label, candidate in (("policy", model), ("reference", self.ref_model)):
             if candidate is not None:
                 reason = prompt_cache_unsupported(self.accelerator.unwrap_model(candidate))
@@ -628,11 +628,11 @@ class TIDPOTrainer(Trainer):
         ids, cmask, attn = inputs["input_ids"], inputs["completion_mask"], inputs["attention_mask"]
         # The rows must start with exactly the prompts (true for PreferenceCollator batches; a custom
         # data_collator might differ), and be right-padded.
-        for name, rows in (("chosen", slice(0, n_pairs)), ("rejected", slice(n_pairs, 2 * n_pairs))):
+        halves = {"chosen": slice(0, n_pairs), "rejected": slice(n_pairs, 2 * n_pairs)}
+        for name in ("chosen", "rejected") if both_rows else ("chosen",):
+            rows = halves[name]
             if not rows_start_with_prompts(ids[rows], cmask[rows], prompt_ids, prompt_mask):
                 return f"the {name} rows do not start with the sampled prompts (a custom data_collator?)"
-            if not both_rows:
-                break
         if both_rows:
             steps = torch.arange(attn.size(1), device=attn.device)[None]
             if not torch.equal(attn.bool(), steps < attn.sum(1, keepdim=True)):
