@@ -144,11 +144,23 @@ def test_greedy_decoding_equals_generate(arch, static):
 
 
 @pytest.mark.parametrize("arch", sorted(CONFIGS))
-def test_decoding_from_a_forwarded_prefix_equals_decoding_the_whole_prompt(arch):
+def test_decoding_from_a_forwarded_prefix_equals_decoding_the_whole_prompt(arch, monkeypatch):
     """``past``: the prompts but their last tokens forwarded beforehand (right-padded, as share_prompt's
-    prefix forward leaves them), then only the last tokens' pass: the same greedy ids and, with the same
-    seed, the same sampled ids as decoding the left-padded prompts from scratch."""
+    prefix forward leaves them), then only the last tokens' pass: the same next-token logits at every
+    step and greedy ids, and with the same seed the same sampled ids, as decoding the left-padded
+    prompts from scratch."""
     from transformers import DynamicCache
+
+    logits_seen: list[torch.Tensor] = []
+    for fn in ("_last_logits", "_eager_step"):
+        original = getattr(gen, fn)
+
+        def recorded(*args, original=original, **kwargs):
+            out = original(*args, **kwargs)
+            logits_seen.append(out.detach().clone())
+            return out
+
+        monkeypatch.setattr(gen, fn, recorded)
 
     model = build(CONFIGS[arch]())
     eos = 2
@@ -165,14 +177,22 @@ def test_decoding_from_a_forwarded_prefix_equals_decoding_the_whole_prompt(arch)
     for sample in (False, True):
         kw = dict(max_new_tokens=12, do_sample=sample, eos_token_id=eos, pad_token_id=0)
         torch.manual_seed(5)
+        logits_seen.clear()
         whole = sample_completion_ids(model, ids, mask, **kw)
+        whole_logits = list(logits_seen)
         cache = DynamicCache(config=model.config)
         with torch.no_grad():
             model(input_ids=prefix, attention_mask=prefix_mask, cache=cache, use_cache=True)
         torch.manual_seed(5)
         last = ids[:, -1:]
+        logits_seen.clear()
         ours = sample_completion_ids(model, last, torch.ones_like(last), past=(cache, prefix_mask), **kw)
         assert torch.equal(ours, whole), f"{arch}, sample={sample}: {ours.tolist()} != {whole.tolist()}"
+        assert len(logits_seen) == len(whole_logits) > 1
+        for step, (a, b) in enumerate(zip(logits_seen, whole_logits, strict=True)):
+            torch.testing.assert_close(
+                a, b, rtol=1e-5, atol=1e-5, msg=lambda m, step=step: f"step {step}: {m}"
+            )
     with pytest.raises(ValueError, match="static_cache"):
         sample_completion_ids(
             model,
