@@ -15,7 +15,6 @@ model's previous mode back afterwards.
 from __future__ import annotations
 
 import contextlib
-import inspect
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Union
 
@@ -31,6 +30,7 @@ from transformers import (
 from transformers.distributed.fsdp import is_fsdp_managed_module
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
+from tidpo.importance import accepts_logits_to_keep
 from tidpo.models import base_model, cache_kwarg, ensure_pad_token
 
 Message = Mapping[str, Any]
@@ -349,7 +349,7 @@ def stop_check_interval(device: torch.device) -> int:
 
 
 def _last_logits(model: torch.nn.Module, **inputs: Any) -> torch.Tensor:
-    if "logits_to_keep" in inspect.signature(base_model(model).forward).parameters:
+    if accepts_logits_to_keep(base_model(model)):
         inputs["logits_to_keep"] = 1  # the prompt pass needs the last position's logits only
     return model(use_cache=True, **inputs).logits[:, -1]
 
