@@ -112,9 +112,20 @@ CONFIGS: dict[str, tuple[dict[str, Any] | None, str]] = {
         },
         "full TI-DPO, prompt cache forced (auto leaves it off under gradient checkpointing)",
     ),
+    "ti_full_apart": (
+        {
+            "loss_type": "ti_dpo",
+            "gamma": 0.1,
+            "tdpo_alpha": 0.5,
+            "attribution_pass": "fused",
+            "anchor_sampling_rows": 0,
+        },
+        "full TI-DPO, each micro-batch samples its own anchors (anchor_sampling_rows=0)",
+    ),
 }
-# ti_full_cache only differs from ti_full under gradient checkpointing: not run unless asked for.
-DEFAULT_CONFIGS = [name for name in CONFIGS if name != "ti_full_cache"]
+# ti_full_cache only differs from ti_full under gradient checkpointing, ti_full_apart under gradient
+# accumulation (--grad-accum): not run unless asked for.
+DEFAULT_CONFIGS = [name for name in CONFIGS if name not in ("ti_full_cache", "ti_full_apart")]
 
 
 @dataclass
@@ -123,7 +134,7 @@ class Entry:
 
     name: str
     trainer: Any
-    batch: dict[str, torch.Tensor]
+    batches: list[dict[str, torch.Tensor]]  # the micro-batches of one optimizer step
     times: list[float] = field(default_factory=list)  # wall-clock seconds per measured step
     cpu_times: list[float] = field(default_factory=list)  # process CPU seconds per measured step
     peak_bytes: int | None = None
@@ -324,12 +335,18 @@ def build_entry(name: str, args, models, rows, workdir: str) -> Entry:
         # `Trainer.train()` turns it on; these steps run without train(), so do what it does.
         trainer.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     trainer.create_optimizer()
-    # Set by `Trainer.train()`'s loop, read by `training_step`: one micro-batch per optimizer step here.
-    trainer.current_gradient_accumulation_steps = 1
-    # The same rows 0..B-1 for every configuration, each collated by its own trainer's collator.
-    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(args.batch_size)])
-    batch = {k: v.to(trainer.args.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-    entry = Entry(name=name, trainer=trainer, batch=batch)
+    # Set by `Trainer.train()`'s loop, read by `training_step` (it divides the loss by it).
+    trainer.current_gradient_accumulation_steps = args.grad_accum
+    # The same rows for every configuration (micro-batch j: rows jB..jB+B-1), each collated by its own
+    # trainer's collator.
+    batches = []
+    for j in range(args.grad_accum):
+        rows_j = range(j * args.batch_size, (j + 1) * args.batch_size)
+        batch = trainer.data_collator([trainer.train_dataset[i] for i in rows_j])
+        batches.append(
+            {k: v.to(trainer.args.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        )
+    entry = Entry(name=name, trainer=trainer, batches=batches)
     time_anchor_sampling(entry, args.device)
     return entry
 
@@ -340,12 +357,18 @@ def _sync(device: str) -> None:
 
 
 def train_step(entry: Entry, device: str) -> float:
-    """One optimizer step through the public trainer API; returns the loss."""
+    """One optimizer step through the public trainer API, as `Trainer.train()` runs it: fetch the step's
+    micro-batches (`get_batch_samples`; tidpo samples their anchors together there), one
+    `training_step` each, then the optimizer. Returns the summed loss."""
     trainer = entry.trainer
+    fresh = [dict(batch) for batch in entry.batches]  # get_batch_samples may add keys (the anchors)
+    batches, _ = trainer.get_batch_samples(iter(fresh), len(fresh), trainer.args.device)
+    loss = 0.0
     # Outside `trainer.train()` accelerate has not wrapped the forward in autocast: enter it here, the
     # same way for every configuration (a no-op without bf16).
-    with trainer.accelerator.autocast():
-        loss = trainer.training_step(trainer.model, entry.batch)
+    for batch in batches:
+        with trainer.accelerator.autocast():
+            loss += trainer.training_step(trainer.model, batch)
     trainer.optimizer.step()
     trainer.optimizer.zero_grad(set_to_none=True)
     trainer.state.global_step += 1  # new anchors every step, as in a real run
@@ -379,7 +402,7 @@ def first_batch_losses(entries: dict[str, Entry]) -> tuple[float, float] | None:
     for name in ("trl_dpo", "dpo"):
         trainer = entries[name].trainer
         trainer.model.eval()
-        batch = entries[name].batch
+        batch = entries[name].batches[0]
         if name == "trl_dpo":  # TRL's compute_loss forwards every key it gets to the model
             batch = {k: batch[k] for k in ("input_ids", "attention_mask", "completion_mask")}
         with torch.no_grad():
@@ -499,6 +522,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=8, help="measured steps per configuration")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per configuration first")
     p.add_argument("--batch-size", type=int, default=4, help="preference pairs per step")
+    p.add_argument(
+        "--grad-accum", type=int, default=1, help="micro-batches per optimizer step (gradient accumulation)"
+    )
     p.add_argument("--seq-len", type=int, default=128, help="longest prompt + response, in tokens")
     p.add_argument("--anchor-tokens", type=int, default=64, help="anchor_max_new_tokens of full TI-DPO")
     p.add_argument(
@@ -564,7 +590,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     models = load_models(args)
     tokenizer = models[2]
-    rows = make_rows(tokenizer, args.batch_size, args.seq_len, seed=args.seed)
+    rows = make_rows(tokenizer, args.batch_size * args.grad_accum, args.seq_len, seed=args.seed)
     names = args.configs.split(",")
     with tempfile.TemporaryDirectory(prefix="tidpo-bench-") as workdir:
         entries: dict[str, Entry] = {}
@@ -574,12 +600,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"built {name:<12} in {time.perf_counter() - start:5.1f}s", flush=True)
         if models[3] is not None:
             sync_lora(list(entries.values()), args.seed)
-        first = next(iter(entries.values())).batch
+        first = next(iter(entries.values())).batches[0]
         n_tokens = int(first["attention_mask"].sum())
         print(
             f"model={args.model}{' + LoRA r=' + str(args.lora_r) if models[3] is not None else ''}, "
             f"batch {args.batch_size} pairs = {first['input_ids'].shape[0]} rows x {first['input_ids'].shape[1]} "
-            f"positions ({n_tokens} real tokens), bf16={args.bf16}, gradient checkpointing="
+            f"positions ({n_tokens} real tokens) x {args.grad_accum} micro-batches per step, bf16={args.bf16}, gradient checkpointing="
             f"{args.gradient_checkpointing}, {args.warmup} warm-up + {args.steps} measured steps per config, "
             "interleaved"
         )

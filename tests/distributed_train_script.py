@@ -11,7 +11,8 @@ Runs (``--runs`` picks any of them, comma-separated):
 - ``equal``: gamma = 0 (no anchors, whose seeds depend on the rank), fused gradient attribution, hybrid
   weights, reference log-probs precomputed across ranks. Its weights must not depend on how the global
   batch is split over processes.
-- ``full``: full TI-DPO (anchors, sequential KL, triplet term), full fine-tuning.
+- ``full``: full TI-DPO (anchors, sequential KL, triplet term), full fine-tuning, 2 micro-batches per
+  optimizer step (their anchors sampled in one decode loop per rank).
 - ``lora``: full TI-DPO with LoRA adapters and gradient checkpointing (fused attribution).
 """
 
@@ -48,7 +49,12 @@ RUNS = {
     ),
     # anchor_prompt_cache=True: the anchors must take the prompt-cache path under DDP (else an error).
     "full": dict(
-        gamma=0.1, tdpo_alpha=0.5, anchor_max_new_tokens=6, learning_rate=1e-2, anchor_prompt_cache=True
+        gamma=0.1,
+        tdpo_alpha=0.5,
+        anchor_max_new_tokens=6,
+        learning_rate=1e-2,
+        anchor_prompt_cache=True,
+        gradient_accumulation_steps=2,
     ),
     "lora": dict(
         gamma=0.1,
@@ -100,6 +106,14 @@ def train_one(
         processing_class=tokenizer,
         peft_config=peft_config,
     )
+    loops = []  # prompts per anchor decode loop
+    sample = trainer._sample_anchors
+
+    def count(model, prompt_ids, *args, **kwargs):
+        loops.append(int(prompt_ids.shape[0]))
+        return sample(model, prompt_ids, *args, **kwargs)
+
+    trainer._sample_anchors = count
     trainer.train()
     rank = trainer.args.process_index
     unwrapped = trainer.accelerator.unwrap_model(trainer.model)
@@ -111,6 +125,7 @@ def train_one(
         "log_history": trainer.state.log_history,
         "ref_model_is_none": trainer.ref_model is None,
         "precomputed": "ref_chosen_logps" in trainer.train_dataset.column_names,
+        "anchor_loops": loops,
     }
     (out / f"{run}_rank{rank}.json").write_text(json.dumps(info))
 

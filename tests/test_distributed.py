@@ -106,8 +106,9 @@ def test_ddp_weights_match_single_process(ddp_runs, tiny_tok):
 
 @pytest.mark.parametrize("run", ["full", "lora"])
 def test_ddp_full_ti_dpo_logs_are_finite_and_identical_across_ranks(ddp_runs, run):
-    """Full TI-DPO (anchors sampled per rank, KL, triplet) and LoRA + gradient checkpointing under DDP:
-    training runs, every metric is finite, and the gathered logs and weights agree on both ranks."""
+    """Full TI-DPO (anchors sampled per rank, KL, triplet; 2 accumulated micro-batches) and LoRA +
+    gradient checkpointing under DDP: training runs, every metric is finite, and the gathered logs and
+    weights agree on both ranks."""
     ddp_out, _ = ddp_runs
     p0, info0 = _load(ddp_out, run, 0)
     p1, info1 = _load(ddp_out, run, 1)
@@ -127,6 +128,10 @@ def test_ddp_full_ti_dpo_logs_are_finite_and_identical_across_ranks(ddp_runs, ru
     assert logs0 == logs1  # metrics are gathered: every rank logs the same numbers
     for name in p0:
         assert torch.equal(p0[name], p1[name]), f"ranks disagree on {name}"
+    if run == "full":  # 2 micro-batches of 2 pairs per step: one decode loop of 4 prompts per step
+        assert info0["anchor_loops"] == info1["anchor_loops"] == [4] * 4
+    else:  # one micro-batch per step
+        assert info0["anchor_loops"] == [2] * 4
     if run == "lora":
         assert info0["ref_model_is_none"]  # reference = adapters disabled, no second model
         assert p0 and all("lora_" in name for name in p0)

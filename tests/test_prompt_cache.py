@@ -262,9 +262,9 @@ def _step(trainer):
     trainer._anchor_layout = record
     sample = trainer._sample_anchors
 
-    def record_past(model, inputs, past=None):
+    def record_past(*args, past=None, **kwargs):
         layouts.append("past" if past is not None else "prompt")
-        return sample(model, inputs, past)
+        return sample(*args, past=past, **kwargs)
 
     trainer._sample_anchors = record_past
     with torch.no_grad():

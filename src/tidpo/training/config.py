@@ -83,7 +83,11 @@ class TIDPOConfig(TrainingArguments):
 
         > Anchors for the triplet term (spec section 5)
 
-        anchor_max_new_tokens (`int`, defaults to `64`): longest anchor sampled from the policy.
+        anchor_max_new_tokens (`int`, defaults to `64`): longest anchor sampled from the policy. Decoding
+            stops earlier once no pair can use more tokens: Eq. 13 compares the anchor with the chosen and
+            the rejected response only at positions valid in both, so tokens past the longer of a pair's
+            two responses never enter the loss (same loss and gradients; `anchor/length` counts the
+            tokens that can enter it).
         anchor_temperature (`float`, defaults to `0.8`): sampling temperature of anchors.
         anchor_top_k (`int`, defaults to `50`): top-k filter of anchor sampling (0 disables it).
         anchor_top_p (`float`, defaults to `0.95`): nucleus filter of anchor sampling.
@@ -108,6 +112,14 @@ class TIDPOConfig(TrainingArguments):
             GPT-2). `True` raises an error saying why where it does not apply. With `share_prompt` on, the
             anchors continue the pair rows' shared prompt prefix instead (same saving; `False` gives them
             full rows in their own forward).
+        anchor_sampling_rows (`int`, defaults to `64`):
+            Under gradient accumulation, sample the anchors of several micro-batches of one optimizer step
+            in one decode loop, before the first of them runs. The policy does not change within an
+            optimizer step, so these are samples of the current policy as spec section 5 asks; decoding
+            reads every weight once per token whatever the number of rows, so `k` micro-batches cost about
+            one decode loop instead of `k`. At most this many rows per loop (their KV cache is alive while
+            they decode: lower it if sampling runs out of memory). `0`, or fewer rows than two
+            micro-batches, samples each micro-batch's anchors in its own step.
 
         > Data
 
@@ -174,6 +186,12 @@ class TIDPOConfig(TrainingArguments):
     anchor_prompt_cache: bool | None = field(
         default=None,
         metadata={"help": "Anchors' forward reuses the prompt's keys/values of the pair rows (None = auto)."},
+    )
+    anchor_sampling_rows: int = field(
+        default=64,
+        metadata={
+            "help": "Rows per anchor decode loop across accumulated micro-batches (0 = per micro-batch)."
+        },
     )
 
     max_length: int | None = field(default=256, metadata={"help": "Longest prompt + response (tokens)."})
@@ -244,6 +262,10 @@ class TIDPOConfig(TrainingArguments):
             raise bad("anchor_top_k", self.anchor_top_k, "an integer >= 0 (0 disables top-k)")
         if not 0.0 < self.anchor_top_p <= 1.0:
             raise bad("anchor_top_p", self.anchor_top_p, "a number in (0, 1]")
+        if self.anchor_sampling_rows < 0:
+            raise bad(
+                "anchor_sampling_rows", self.anchor_sampling_rows, "an integer >= 0 (0: per micro-batch)"
+            )
         if self.max_length is not None and self.max_length < 2:
             raise bad("max_length", self.max_length, "an integer >= 2 or None")
         if self.max_prompt_length is not None and self.max_prompt_length < 1:

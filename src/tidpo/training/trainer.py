@@ -100,6 +100,12 @@ def _last_valid_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.bool() * positions).amax(dim=1)
 
 
+def _left_pad_cat(rows: list[torch.Tensor], value: int) -> torch.Tensor:
+    """Concatenate left-padded ``[B_i, T_i]`` batches into one, padding each on the left to the widest."""
+    width = max(r.size(1) for r in rows)
+    return torch.cat([torch.nn.functional.pad(r, (width - r.size(1), 0), value=value) for r in rows])
+
+
 def _pad_to(x: torch.Tensor, width: int, value: int | float | bool) -> torch.Tensor:
     if x.size(1) == width:
         return x
@@ -408,30 +414,41 @@ class TIDPOTrainer(Trainer):
             return False
         return decoder_and_head(self._reference_module()) is not None
 
-    def _sample_anchors(self, model: nn.Module, inputs: dict[str, torch.Tensor], past: Any = None):
-        """Sample one response per prompt from the current policy (spec section 5), no gradient.
+    def _anchor_seed(self, training: bool, group: int = 0) -> int:
+        """Seed of one anchor decode loop: per step (reproducible, and identical after a resume from a
+        checkpoint), rank, mode and, for micro-batches sampled together (`_presample_anchors`), group."""
+        mode_offset = 0 if training else 7_919
+        base = self.args.seed * 1_000_003 + self.state.global_step * 101 + self.args.process_index
+        return (base + mode_offset + group * 7_907_713) % (2**31)
+
+    def _sample_anchors(
+        self,
+        model: nn.Module,
+        prompt_ids: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        max_new_tokens: int,
+        *,
+        training: bool,
+        group: int = 0,
+        past: Any = None,
+    ) -> torch.Tensor:
+        """Sample one response per (left-padded) prompt from the current policy (spec section 5), no
+        gradient.
 
         ``past``: ``(cache, mask, last_tokens)`` when the prompts but their last tokens are already in a
         growing cache of the policy's keys/values (share_prompt's prefix forward): decoding then starts
         from there (:meth:`_decode_from_prefix` says when that is exact).
 
-        Returns the sampled ids ``[B, N]``: row ``b`` continues prompt ``b``, up to ``N`` tokens; positions
-        after a row's first EOS are padding (:meth:`_anchor_valid`).
+        Returns the sampled ids ``[B, N]``, ``N <= max_new_tokens``: row ``b`` continues prompt ``b``;
+        positions after a row's first EOS are padding (:meth:`_anchor_valid`).
         """
-        args = self.args
-        prompt_ids, prompt_mask = inputs["prompt_input_ids"], inputs["prompt_attention_mask"].bool()
-        # A per-step seed makes anchors reproducible and identical after a resume from a checkpoint.
-        mode_offset = 0 if model.training else 7_919
-        seed = (
-            args.seed * 1_000_003 + self.state.global_step * 101 + self.args.process_index + mode_offset
-        ) % (2**31)
         devices = [prompt_ids.device] if prompt_ids.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), torch.no_grad():
-            torch.manual_seed(seed)
+            torch.manual_seed(self._anchor_seed(training, group))
             try:
                 # Whole weights for sampling: ZeRO-3 gathers them, FSDP keeps ranks in step.
                 with unwrapped_for_generation(model, self.accelerator) as bare:
-                    completion = self._sample(bare, prompt_ids, prompt_mask, past)
+                    completion = self._sample(bare, prompt_ids, prompt_mask, max_new_tokens, past)
             except RuntimeError as err:
                 # torch.multinomial's "probability tensor contains either inf, nan or element < 0".
                 if "inf" in str(err) and "nan" in str(err):
@@ -443,7 +460,12 @@ class TIDPOTrainer(Trainer):
         return completion
 
     def _sample(
-        self, model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, past: Any = None
+        self,
+        model: nn.Module,
+        prompt_ids: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        max_new_tokens: int,
+        past: Any = None,
     ) -> torch.Tensor:
         args, tokenizer = self.args, self.processing_class
         policy = self.accelerator.unwrap_model(model)
@@ -456,7 +478,7 @@ class TIDPOTrainer(Trainer):
                 policy,
                 prompt_ids,
                 prompt_mask.long(),
-                max_new_tokens=args.anchor_max_new_tokens,
+                max_new_tokens=max_new_tokens,
                 temperature=args.anchor_temperature,
                 top_k=args.anchor_top_k,
                 top_p=args.anchor_top_p,
@@ -473,6 +495,65 @@ class TIDPOTrainer(Trainer):
                     "anchor_static_cache=False."
                 )
             raise
+
+    def _anchor_horizon(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Per pair (``[B]``), how many anchor tokens can enter the loss.
+
+        Eq. 13's distances compare the anchor with the chosen and with the rejected response at the
+        positions valid in both, counted from each response's first token; so anchor tokens past the
+        longer of the two responses never count. At most ``anchor_max_new_tokens``.
+        """
+        lengths = inputs["completion_mask"].sum(1)
+        n_pairs = lengths.size(0) // 2
+        longer = torch.maximum(lengths[:n_pairs], lengths[n_pairs:])
+        return longer.clamp(min=1, max=self.args.anchor_max_new_tokens)
+
+    def _decode_length(self, horizons: torch.Tensor) -> int:
+        """Decode steps for anchors with these horizons: the longest. With several processes, the longest
+        on any rank: under ZeRO-3 / FSDP every decode forward gathers weights with all ranks, so they
+        must run as many (one small all-gather per decode loop, on every backend alike)."""
+        longest = horizons.max().reshape(1)
+        if self.accelerator.num_processes > 1:
+            longest = self.accelerator.gather(longest).max()
+        return int(longest)
+
+    def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: torch.device):
+        # The Trainer fetches an optimizer step's micro-batches before the first of them runs: the place
+        # to sample their anchors together.
+        batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self.args.uses_triplet:
+            self._presample_anchors(batches)
+        return batches, num_items
+
+    def _presample_anchors(self, batches: list[dict[str, torch.Tensor]]) -> None:
+        """Sample the anchors of one optimizer step's micro-batches in groups of up to
+        ``anchor_sampling_rows`` rows, one decode loop per group, into each batch's ``"anchor_ids"``.
+
+        The weights do not change until the optimizer step, so every anchor is a sample of the current
+        policy, as when each micro-batch samples its own; a decode loop costs about the same for one
+        micro-batch's rows as for several (each token reads every weight once). A group of one micro-batch
+        is left to its own step, which can decode from its shared prompt forward (`_decode_from_prefix`).
+        """
+        per_loop = self.args.anchor_sampling_rows // self.args.per_device_train_batch_size
+        if per_loop < 2 or len(batches) < 2:
+            return
+        pad = self.processing_class.pad_token_id
+        for group, start in enumerate(range(0, len(batches), per_loop), start=1):
+            chunk = batches[start : start + per_loop]
+            if len(chunk) < 2:
+                continue
+            horizons = [self._anchor_horizon(batch) for batch in chunk]
+            ids = _left_pad_cat([batch["prompt_input_ids"] for batch in chunk], pad)
+            mask = _left_pad_cat([batch["prompt_attention_mask"] for batch in chunk], 0).bool()
+            length = self._decode_length(torch.cat(horizons))
+            completion = self._sample_anchors(
+                self.model_wrapped, ids, mask, length, training=True, group=group
+            )
+            for batch, rows, horizon in zip(
+                chunk, completion.split([len(h) for h in horizons]), horizons, strict=True
+            ):
+                used = int(self._anchor_valid(rows, horizon).sum(1).max())  # >= 1: token 0 always counts
+                batch["anchor_ids"] = rows[:, :used]
 
     def _decode_from_prefix(self, model: nn.Module, prompt_ids: torch.Tensor) -> bool:
         """Whether the anchors may decode from the keys/values of share_prompt's prefix forward.
@@ -520,15 +601,22 @@ class TIDPOTrainer(Trainer):
             cache = self._anchor_caches[batch] = anchor_cache(policy, size)
         return cache
 
-    def _anchor_valid(self, completion: torch.Tensor) -> torch.Tensor:
-        """The anchor's tokens up to and including its first EOS (bool, ``[B, N]``, a prefix of each row)."""
+    def _anchor_valid(self, completion: torch.Tensor, horizon: torch.Tensor) -> torch.Tensor:
+        """The anchor tokens that enter the loss (bool, ``[B, N]``, a prefix of each row): up to and
+        including the first EOS, and within the pair's horizon (`_anchor_horizon`)."""
         is_eos = (completion == self.processing_class.eos_token_id).long()
-        return (is_eos.cumsum(1) - is_eos) == 0
+        positions = torch.arange(completion.size(1), device=completion.device)
+        return ((is_eos.cumsum(1) - is_eos) == 0) & (positions < horizon[:, None])
 
-    def _anchor_rows(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion: torch.Tensor):
+    def _anchor_rows(
+        self,
+        prompt_ids: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        completion: torch.Tensor,
+        completion_valid: torch.Tensor,
+    ):
         """Right-padded prompt + anchor rows: (input_ids, attention_mask, completion_mask)."""
         tokenizer = self.processing_class
-        completion_valid = self._anchor_valid(completion)
         ids = torch.cat([prompt_ids, completion], dim=1)
         valid = torch.cat([prompt_mask, completion_valid], dim=1)
         is_completion = torch.cat([torch.zeros_like(prompt_mask), completion_valid], dim=1)
@@ -759,21 +847,28 @@ class TIDPOTrainer(Trainer):
         a_ids = a_attn = a_cmask = a_pos = None
         layout = None
         if args.uses_triplet:
-            past = None
-            if shared is not None and self._decode_from_prefix(model, inputs["prompt_input_ids"]):
-                past = (capture.decode_cache(), shared.prefix_mask, shared.ids[:n_pairs, :1])
-            completion = self._sample_anchors(model, inputs, past)
+            horizon = self._anchor_horizon(inputs)
+            completion = inputs.get("anchor_ids")  # sampled with the other micro-batches of this step
+            if completion is None:
+                prompt_ids, prompt_mask = inputs["prompt_input_ids"], inputs["prompt_attention_mask"].bool()
+                past = None
+                if shared is not None and self._decode_from_prefix(model, prompt_ids):
+                    past = (capture.decode_cache(), shared.prefix_mask, shared.ids[:n_pairs, :1])
+                length = self._decode_length(horizon)
+                completion = self._sample_anchors(
+                    model, prompt_ids, prompt_mask, length, training=model.training, past=past
+                )
+            valid = self._anchor_valid(completion, horizon)
             layout = self._anchor_layout(model, inputs, fused, shared is not None)
             if layout == "continuation":
                 # Like the pair rows: the prompt's last token, then the anchor.
-                valid = self._anchor_valid(completion)
                 a_ids = torch.cat([ids[:n_pairs, :1], completion], dim=1)
                 a_attn = torch.cat([torch.ones_like(valid[:, :1]), valid], dim=1).long()
                 a_cmask = torch.cat([torch.zeros_like(valid[:, :1]), valid], dim=1)
             elif layout == "prompt_cache":
                 prompt_lengths = inputs["prompt_attention_mask"].sum(1)
                 prefix_len = int(prompt_lengths.max())
-                a_ids, a_cmask = completion, self._anchor_valid(completion)
+                a_ids, a_cmask = completion, valid
                 a_attn, a_pos = continuation_inputs(prompt_lengths, prefix_len, a_cmask)
                 capture = PromptKV(policy, n_pairs, prefix_len)
                 ref_capture = PromptKV(
@@ -781,7 +876,7 @@ class TIDPOTrainer(Trainer):
                 )
             else:
                 a_ids, a_attn, a_cmask = self._anchor_rows(
-                    inputs["prompt_input_ids"], inputs["prompt_attention_mask"].bool(), completion
+                    inputs["prompt_input_ids"], inputs["prompt_attention_mask"].bool(), completion, valid
                 )
         joint = layout == "joint" or (layout == "continuation" and not fused)
         if joint:

@@ -1,0 +1,186 @@
+"""How many anchor tokens are decoded, and when: the horizon (Eq. 13 only reads an anchor up to the
+longer of its pair's responses) and the anchors of accumulated micro-batches sampled in one loop."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tidpo import TIDPOConfig, TIDPOTrainer
+from tidpo.generation import sample_completion_ids
+from tiny_setup import make_config, train_loss_and_grads
+
+
+def _trainer(tiny_llama, tiny_tok, pairs_dataset, tmp_path, **overrides) -> TIDPOTrainer:
+    args = make_config(tmp_path, **overrides)
+    return TIDPOTrainer(tiny_llama, args=args, train_dataset=pairs_dataset, processing_class=tiny_tok)
+
+
+def _perturb(model: torch.nn.Module) -> None:
+    """Move the policy off the reference, so the triplet distances are not all zero."""
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+
+
+def test_a_shorter_decode_is_the_longer_one_cut(tiny_llama, tiny_tok):
+    """Token t depends on the tokens before it only: decoding fewer steps from the same seed gives the
+    first tokens of the longer decode (what lets the trainer stop at the horizon)."""
+    prompts = tiny_tok(
+        ["The sky is", "A cat sat on the"], return_tensors="pt", padding=True, padding_side="left"
+    )
+    runs = {}
+    for n in (4, 30):
+        torch.manual_seed(11)
+        runs[n] = sample_completion_ids(
+            tiny_llama,
+            prompts["input_ids"],
+            prompts["attention_mask"],
+            max_new_tokens=n,
+            eos_token_id=tiny_tok.eos_token_id,
+            pad_token_id=tiny_tok.pad_token_id,
+        )
+    assert runs[30].shape[1] > 4
+    short = runs[4]
+    assert torch.equal(short, runs[30][:, : short.shape[1]])
+
+
+def test_horizon_and_valid_tokens_by_hand(tiny_llama, tiny_tok, pairs_dataset, tmp_path):
+    trainer = _trainer(tiny_llama, tiny_tok, pairs_dataset, tmp_path, anchor_max_new_tokens=5)
+    # Two pairs: chosen rows first, then rejected. Response lengths 3 / 6 and 2 / 1.
+    completion_mask = torch.zeros(4, 9, dtype=torch.bool)
+    for row, (start, length) in enumerate([(2, 3), (1, 2), (3, 6), (4, 1)]):
+        completion_mask[row, start : start + length] = True
+    horizon = trainer._anchor_horizon({"completion_mask": completion_mask})
+    assert horizon.tolist() == [5, 2]  # max(3, 6) capped at anchor_max_new_tokens, max(2, 1)
+
+    eos, t = tiny_tok.eos_token_id, 7  # any non-EOS token
+    completion = torch.tensor([[t, t, eos, t, t, t], [t, t, t, t, t, t]])
+    valid = trainer._anchor_valid(completion, horizon)
+    # Row 0: up to and including its EOS (3 tokens, within 5); row 1: no EOS, cut at its horizon 2.
+    assert valid.tolist() == [[True] * 3 + [False] * 3, [True] * 2 + [False] * 4]
+
+
+def test_the_horizon_changes_no_loss_or_gradient(tiny_llama, tiny_tok, pairs_dataset, tmp_path):
+    """Decoding to anchor_max_new_tokens and using every token gives the same loss, gradients and
+    triplet distances as stopping at the horizon; only anchor/length (the tokens that count) differs."""
+    trainer = _trainer(tiny_llama, tiny_tok, pairs_dataset, tmp_path, anchor_max_new_tokens=40)
+    _perturb(trainer.model)
+    lengths = []
+    sample = trainer._sample_anchors
+
+    def record(*args, **kwargs):
+        lengths.append(args[3])  # max_new_tokens
+        return sample(*args, **kwargs)
+
+    trainer._sample_anchors = record
+    loss, grads = train_loss_and_grads(trainer)
+    cut = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+
+    full = trainer._anchor_horizon
+    trainer._anchor_horizon = lambda inputs: torch.full_like(full(inputs), 40)
+    loss_full, grads_full = train_loss_and_grads(trainer)
+    whole = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+
+    # The tiny pairs' responses are a few tokens: the horizon decoded far fewer than 40.
+    assert lengths[0] < 20 and lengths[1] == 40
+    assert whole["anchor/length"] > cut["anchor/length"]
+    assert cut["triplet/dist_pos"] > 0 and cut["triplet/dist_neg"] > 0
+    assert loss == pytest.approx(loss_full, rel=1e-6)
+    for key in ("triplet/loss", "triplet/dist_pos", "triplet/dist_neg"):
+        assert cut[key] == pytest.approx(whole[key], rel=1e-5), key
+    assert grads.keys() == grads_full.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], grads_full[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def _run(tiny_llama, tiny_tok, pairs_dataset, tmp_path, rows: int):
+    """Three optimizer steps of 2 micro-batches x 2 pairs; argmax anchors (top_k = 1), so sampling
+    together or apart must give the same anchors, hence the same run. Returns (losses, params, loops)."""
+    trainer = _trainer(
+        tiny_llama,
+        tiny_tok,
+        pairs_dataset,
+        tmp_path / str(rows),
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        max_steps=3,
+        anchor_top_k=1,
+        anchor_max_new_tokens=12,
+        anchor_sampling_rows=rows,
+    )
+    _perturb(trainer.model)
+    loops = []
+    sample = trainer._sample_anchors
+
+    def count(model, prompt_ids, *args, **kwargs):
+        loops.append(prompt_ids.shape[0])
+        return sample(model, prompt_ids, *args, **kwargs)
+
+    trainer._sample_anchors = count
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    params = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    return logs, params, loops
+
+
+def test_micro_batches_sampled_together_train_as_apart(tiny_llama, tiny_tok, pairs_dataset, tmp_path):
+    import copy
+
+    apart = _run(copy.deepcopy(tiny_llama), tiny_tok, pairs_dataset, tmp_path, rows=0)
+    together = _run(tiny_llama, tiny_tok, pairs_dataset, tmp_path, rows=64)
+    # One decode loop of 4 prompts per optimizer step, against one of 2 per micro-batch.
+    assert together[2] == [4, 4, 4] and apart[2] == [2] * 6
+    for a, b in zip(apart[0], together[0], strict=True):
+        for key in ("loss", "triplet/loss", "triplet/dist_pos", "triplet/dist_neg", "anchor/length"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5), key
+    assert together[0][-1]["triplet/dist_pos"] > 0
+    for name, value in apart[1].items():
+        torch.testing.assert_close(together[1][name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_groups_hold_at_most_anchor_sampling_rows(tiny_llama, tiny_tok, pairs_dataset, tmp_path):
+    """4 micro-batches of 2 pairs, 4 rows per loop: two loops of 2 micro-batches each."""
+    trainer = _trainer(
+        tiny_llama,
+        tiny_tok,
+        pairs_dataset,
+        tmp_path,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=4,
+        anchor_sampling_rows=4,
+    )
+    batches = list(trainer.get_train_dataloader())[:4]
+    loops = []
+    sample = trainer._sample_anchors
+
+    def count(model, prompt_ids, *args, **kwargs):
+        loops.append((prompt_ids.shape[0], kwargs["group"]))
+        return sample(model, prompt_ids, *args, **kwargs)
+
+    trainer._sample_anchors = count
+    fetched, _ = trainer.get_batch_samples(iter(batches), 4, trainer.args.device)
+    assert loops == [(4, 1), (4, 2)]
+    for batch in fetched:
+        horizon = trainer._anchor_horizon(batch)
+        anchors = batch["anchor_ids"]
+        assert anchors.shape[0] == 2 and 1 <= anchors.shape[1] <= int(horizon.max())
+        # Trimmed to the last token that counts in some row.
+        assert bool(trainer._anchor_valid(anchors, horizon)[:, -1].any())
+
+
+def test_no_presampling_without_accumulation_or_triplet(tiny_llama, tiny_tok, pairs_dataset, tmp_path):
+    for overrides in (
+        dict(per_device_train_batch_size=2, anchor_sampling_rows=3),  # fewer rows than 2 micro-batches
+        dict(per_device_train_batch_size=2, gamma=0.0),
+    ):
+        trainer = _trainer(tiny_llama, tiny_tok, pairs_dataset, tmp_path, **overrides)
+        batches = list(trainer.get_train_dataloader())[:2]
+        fetched, _ = trainer.get_batch_samples(iter(batches), 2, trainer.args.device)
+        assert all("anchor_ids" not in batch for batch in fetched)
+
+
+def test_negative_anchor_sampling_rows_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="anchor_sampling_rows=-1"):
+        TIDPOConfig(output_dir=str(tmp_path), anchor_sampling_rows=-1, use_cpu=True)
