@@ -534,8 +534,11 @@ class TIDPOTrainer(Trainer):
         micro-batch's rows as for several (each token reads every weight once). A group of one micro-batch
         is left to its own step, which can decode from its shared prompt forward (`_decode_from_prefix`).
         """
-        per_loop = self.args.anchor_sampling_rows // self.args.per_device_train_batch_size
-        if per_loop < 2 or len(batches) < 2:
+        if len(batches) < 2:
+            return
+        # From the first micro-batch's size (the same on every rank), so all ranks run as many loops.
+        per_loop = self.args.anchor_sampling_rows // max(1, batches[0]["prompt_input_ids"].size(0))
+        if per_loop < 2:
             return
         pad = self.processing_class.pad_token_id
         for group, start in enumerate(range(0, len(batches), per_loop), start=1):
