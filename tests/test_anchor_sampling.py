@@ -170,6 +170,29 @@ def test_groups_hold_at_most_anchor_sampling_rows(tiny_llama, tiny_tok, pairs_da
         assert bool(trainer._anchor_valid(anchors, horizon)[:, -1].any())
 
 
+def test_micro_batches_sampling_apart_get_seeds_of_their_own(tiny_llama, tiny_tok, pairs_dataset, tmp_path):
+    """Two identical micro-batches of one step, each sampling its own anchors: different draws."""
+    trainer = _trainer(
+        tiny_llama, tiny_tok, pairs_dataset, tmp_path, per_device_train_batch_size=2, anchor_sampling_rows=0
+    )
+    batch = next(iter(trainer.get_train_dataloader()))
+    fetched, _ = trainer.get_batch_samples(iter([dict(batch), dict(batch)]), 2, trainer.args.device)
+    assert [b["anchor_group"] for b in fetched] == [0, -1]
+    drawn = []
+    sample = trainer._sample_anchors
+
+    def record(*args, **kwargs):
+        drawn.append(sample(*args, **kwargs))
+        return drawn[-1]
+
+    trainer._sample_anchors = record
+    trainer.model.train()
+    with torch.no_grad():
+        for inputs in fetched:
+            trainer.compute_loss(trainer.model, trainer._prepare_inputs(inputs))
+    assert drawn[0].shape[1] > 3 and not torch.equal(drawn[0], drawn[1])
+
+
 def test_no_presampling_without_accumulation_or_triplet(tiny_llama, tiny_tok, pairs_dataset, tmp_path):
     for overrides in (
         dict(per_device_train_batch_size=2, anchor_sampling_rows=3),  # fewer rows than 2 micro-batches

@@ -416,7 +416,8 @@ class TIDPOTrainer(Trainer):
 
     def _anchor_seed(self, training: bool, group: int = 0) -> int:
         """Seed of one anchor decode loop: per step (reproducible, and identical after a resume from a
-        checkpoint), rank, mode and, for micro-batches sampled together (`_presample_anchors`), group."""
+        checkpoint), rank, mode and group: 1, 2, ... for the loops of `_presample_anchors`, 0, -1, ... for
+        the micro-batches of a step that sample their own (`get_batch_samples` numbers them)."""
         mode_offset = 0 if training else 7_919
         base = self.args.seed * 1_000_003 + self.state.global_step * 101 + self.args.process_index
         return (base + mode_offset + group * 7_907_713) % (2**31)
@@ -523,6 +524,11 @@ class TIDPOTrainer(Trainer):
         batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
         if self.args.uses_triplet:
             self._presample_anchors(batches)
+            # Micro-batches that sample in their own step get seeds of their own (groups 0, -1, -2, ...;
+            # the shared loops are 1, 2, ...): the same seed would reuse the same random draws.
+            for index, batch in enumerate(batches):
+                if "anchor_ids" not in batch:
+                    batch["anchor_group"] = -index
         return batches, num_items
 
     def _presample_anchors(self, batches: list[dict[str, torch.Tensor]]) -> None:
@@ -858,8 +864,9 @@ class TIDPOTrainer(Trainer):
                 if shared is not None and self._decode_from_prefix(model, prompt_ids):
                     past = (capture.decode_cache(), shared.prefix_mask, shared.ids[:n_pairs, :1])
                 length = self._decode_length(horizon)
+                group = inputs.get("anchor_group", 0)  # set by get_batch_samples
                 completion = self._sample_anchors(
-                    model, prompt_ids, prompt_mask, length, training=model.training, past=past
+                    model, prompt_ids, prompt_mask, length, training=model.training, group=group, past=past
                 )
             valid = self._anchor_valid(completion, horizon)
             layout = self._anchor_layout(model, inputs, fused, shared is not None)
