@@ -24,6 +24,22 @@ def _perturb(model: torch.nn.Module) -> None:
             p.add_(0.05 * torch.randn(p.shape, generator=gen))
 
 
+def _record_sampling(trainer: TIDPOTrainer) -> list[dict]:
+    """Record every anchor decode loop of the trainer: its prompts, length, seed group and samples."""
+    calls: list[dict] = []
+    sample = trainer._sample_anchors
+
+    def record(model, prompt_ids, prompt_mask, max_new_tokens, **kwargs):
+        ids = sample(model, prompt_ids, prompt_mask, max_new_tokens, **kwargs)
+        calls.append(
+            dict(rows=prompt_ids.shape[0], length=max_new_tokens, group=kwargs.get("group"), ids=ids)
+        )
+        return ids
+
+    trainer._sample_anchors = record
+    return calls
+
+
 def test_a_shorter_decode_is_the_longer_one_cut(tiny_llama, tiny_tok):
     """Token t depends on the tokens before it only: decoding fewer steps from the same seed gives the
     first tokens of the longer decode (what lets the trainer stop at the horizon)."""
@@ -67,14 +83,7 @@ def test_the_horizon_changes_no_loss_or_gradient(tiny_llama, tiny_tok, pairs_dat
     triplet distances as stopping at the horizon; only anchor/length (the tokens that count) differs."""
     trainer = _trainer(tiny_llama, tiny_tok, pairs_dataset, tmp_path, anchor_max_new_tokens=40)
     _perturb(trainer.model)
-    lengths = []
-    sample = trainer._sample_anchors
-
-    def record(*args, **kwargs):
-        lengths.append(args[3])  # max_new_tokens
-        return sample(*args, **kwargs)
-
-    trainer._sample_anchors = record
+    calls = _record_sampling(trainer)
     loss, grads = train_loss_and_grads(trainer)
     cut = {k: v[-1] for k, v in trainer._metrics["train"].items()}
 
@@ -84,7 +93,7 @@ def test_the_horizon_changes_no_loss_or_gradient(tiny_llama, tiny_tok, pairs_dat
     whole = {k: v[-1] for k, v in trainer._metrics["train"].items()}
 
     # The tiny pairs' responses are a few tokens: the horizon decoded far fewer than 40.
-    assert lengths[0] < 20 and lengths[1] == 40
+    assert calls[0]["length"] < 20 and calls[1]["length"] == 40
     assert whole["anchor/length"] > cut["anchor/length"]
     assert cut["triplet/dist_pos"] > 0 and cut["triplet/dist_neg"] > 0
     assert loss == pytest.approx(loss_full, rel=1e-6)
@@ -111,18 +120,11 @@ def _run(tiny_llama, tiny_tok, pairs_dataset, tmp_path, rows: int):
         anchor_sampling_rows=rows,
     )
     _perturb(trainer.model)
-    loops = []
-    sample = trainer._sample_anchors
-
-    def count(model, prompt_ids, *args, **kwargs):
-        loops.append(prompt_ids.shape[0])
-        return sample(model, prompt_ids, *args, **kwargs)
-
-    trainer._sample_anchors = count
+    calls = _record_sampling(trainer)
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
     params = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
-    return logs, params, loops
+    return logs, params, [call["rows"] for call in calls]
 
 
 def test_micro_batches_sampled_together_train_as_apart(tiny_llama, tiny_tok, pairs_dataset, tmp_path):
@@ -152,16 +154,9 @@ def test_groups_hold_at_most_anchor_sampling_rows(tiny_llama, tiny_tok, pairs_da
         anchor_sampling_rows=4,
     )
     batches = list(trainer.get_train_dataloader())[:4]
-    loops = []
-    sample = trainer._sample_anchors
-
-    def count(model, prompt_ids, *args, **kwargs):
-        loops.append((prompt_ids.shape[0], kwargs["group"]))
-        return sample(model, prompt_ids, *args, **kwargs)
-
-    trainer._sample_anchors = count
+    calls = _record_sampling(trainer)
     fetched, _ = trainer.get_batch_samples(iter(batches), 4, trainer.args.device)
-    assert loops == [(4, 1), (4, 2)]
+    assert [(call["rows"], call["group"]) for call in calls] == [(4, 1), (4, 2)]
     for batch in fetched:
         horizon = trainer._anchor_horizon(batch)
         anchors = batch["anchor_ids"]
@@ -178,19 +173,13 @@ def test_micro_batches_sampling_apart_get_seeds_of_their_own(tiny_llama, tiny_to
     batch = next(iter(trainer.get_train_dataloader()))
     fetched, _ = trainer.get_batch_samples(iter([dict(batch), dict(batch)]), 2, trainer.args.device)
     assert [b["anchor_group"] for b in fetched] == [0, -1]
-    drawn = []
-    sample = trainer._sample_anchors
-
-    def record(*args, **kwargs):
-        drawn.append(sample(*args, **kwargs))
-        return drawn[-1]
-
-    trainer._sample_anchors = record
+    calls = _record_sampling(trainer)
     trainer.model.train()
     with torch.no_grad():
         for inputs in fetched:
             trainer.compute_loss(trainer.model, trainer._prepare_inputs(inputs))
-    assert drawn[0].shape[1] > 3 and not torch.equal(drawn[0], drawn[1])
+    first, second = (call["ids"] for call in calls)
+    assert first.shape[1] > 3 and not torch.equal(first, second)
 
 
 def test_no_presampling_without_accumulation_or_triplet(tiny_llama, tiny_tok, pairs_dataset, tmp_path):
