@@ -455,6 +455,7 @@ def report(entries: dict[str, Entry], parity: tuple[float, float] | None, args) 
     )
     print(header + "\n" + "-" * len(header))
     for name, entry in entries.items():
+        description = CONFIGS[name][1].replace("64-token", f"{args.anchor_tokens}-token")
         peak = entry.peak_bytes
         row = {
             "median_wall_s": _median(entry.times),
@@ -472,7 +473,7 @@ def report(entries: dict[str, Entry], parity: tuple[float, float] | None, args) 
             f"{name:<16} {_fmt(row['median_wall_s'], '7.2f')} {_fmt(row['median_cpu_s'], '7.2f')} "
             f"{_fmt(min(cpu) if cpu else None, '7.2f')} {_fmt(max(cpu) if cpu else None, '7.2f')} "
             f"{_fmt(row['peak_mib'], '9.1f')} {_fmt(row['time_ratio'], '8.2f')} "
-            f"{_fmt(row['mem_ratio'], '8.2f')} {_fmt(row['median_anchor_wall_s'], '8.2f')}  {CONFIGS[name][1]}"
+            f"{_fmt(row['mem_ratio'], '8.2f')} {_fmt(row['median_anchor_wall_s'], '8.2f')}  {description}"
         )
 
     checks: list[tuple[str, bool | None, str]] = []
