@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from transformers.utils import logging as hf_logging
 
 SPEED = Path(__file__).resolve().parents[1] / "benchmarks" / "speed.py"
 CONFIGS = ("dpo", "trl_dpo", "ti_separate", "ti_fused", "ti_full", "ti_full_apart")
@@ -22,12 +23,15 @@ CONFIGS = ("dpo", "trl_dpo", "ti_separate", "ti_fused", "ti_full", "ti_full_apar
 
 @pytest.fixture(scope="module")
 def speed():
+    # main() quietens transformers' logging for its table: give the rest of the suite its level back.
+    verbosity = hf_logging.get_verbosity()
     spec = importlib.util.spec_from_file_location("tidpo_speed_benchmark", SPEED)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # its dataclasses look their module up there
     spec.loader.exec_module(module)
     yield module
     del sys.modules[spec.name]
+    hf_logging.set_verbosity(verbosity)
 
 
 def test_speed_benchmark_runs_every_configuration(speed, tmp_path, capsys) -> None:
@@ -35,7 +39,7 @@ def test_speed_benchmark_runs_every_configuration(speed, tmp_path, capsys) -> No
     argv = [
         "--model", "tiny", "--hidden", "64", "--layers", "2", "--seq-len", "48",
         "--batch-size", "2", "--grad-accum", "2", "--steps", "1", "--warmup", "0",
-        "--anchor-tokens", "4", "--threads", "1", "--configs", ",".join(CONFIGS), "--json", str(out),
+        "--anchor-tokens", "4", "--configs", ",".join(CONFIGS), "--json", str(out),
     ]  # fmt: skip
     results = speed.main(argv)
     printed = capsys.readouterr().out
