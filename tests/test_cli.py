@@ -8,6 +8,7 @@ real console script to check what a user sees on the terminal. Warnings are chec
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from pathlib import Path
 
@@ -263,6 +264,58 @@ def test_resume_from_a_missing_checkpoint_folder(model_dir, tmp_path, capsys):
     )
 
 
+# ------------------------------------------------------------------------------------------ run folder
+
+
+def test_a_fresh_run_never_mixes_with_an_earlier_one_in_output_dir(model_dir, tmp_path, capsys):
+    """LoRA run, then a full fine-tuning run into the same folder: refused (the old adapter would load on
+    top of the new weights); --resume without a checkpoint too; --overwrite_output_dir deletes the old run."""
+    data = data_file(tmp_path, PAIRS)
+    out = tmp_path / "out"
+    code, _, err = cli(
+        argv_for(model_dir, data, tmp_path, use_peft="true", save_strategy="steps", save_steps=1), capsys
+    )
+    assert code == 0, err
+    assert (out / "adapter_model.safetensors").exists() and (out / "checkpoint-1").is_dir()
+    line = expect_error(
+        argv_for(model_dir, data, tmp_path), capsys, str(out), "checkpoint-1", "adapter_model"
+    )
+    assert "--resume" in line and "--overwrite_output_dir true" in line
+    # Without a complete checkpoint, --resume would start afresh on top of the old files: refused too.
+    (out / "checkpoint-1" / "trainer_state.json").unlink()
+    expect_error([*argv_for(model_dir, data, tmp_path), "--resume"], capsys, "no complete checkpoint")
+    code, stdout, err = cli(argv_for(model_dir, data, tmp_path, overwrite_output_dir="true"), capsys)
+    assert code == 0, err
+    assert "deleting the earlier run" in stdout and "adapter_model.safetensors" in stdout
+    assert (out / "model.safetensors").exists()
+    assert not (out / "adapter_model.safetensors").exists() and not (out / "checkpoint-1").exists()
+
+
+def test_report_holds_the_final_eval_and_both_snapshots(model_dir, tmp_path, capsys):
+    data = data_file(tmp_path, PAIRS)
+    argv = argv_for(
+        model_dir, data, tmp_path, max_steps=2, report="true", report_pairs=2, eval_data=str(data)
+    )
+    code, stdout, err = cli(argv, capsys)
+    assert code == 0, err
+    page = (tmp_path / "out" / "report.html").read_text(encoding="utf-8")
+    assert "start of training" in page and "end of training" in page
+    # The final eval as a table (the metrics, not the timings), the same numbers as metrics.json.
+    assert "<h2>Evaluation</h2>" in page and "eval_rewards/accuracies" in page and "eval_runtime" not in page
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert f"{metrics['eval']['eval_loss']:.4g}" in page
+    assert "report.html" in stdout
+
+
+def test_a_report_snapshot_that_is_not_finite_says_so(nan_model_dir, tmp_path, capsys):
+    """Report pair 5 holds the token whose embedding is NaN: the error names the report and the pair."""
+    data = data_file(tmp_path, PAIRS)
+    argv = argv_for(
+        nan_model_dir, data, tmp_path, report="true", report_pairs=8, skip_nonfinite_batches="true"
+    )
+    expect_error(argv, capsys, "report.html", "'start of training'", "report pair 5", "not finite")
+
+
 # ------------------------------------------------------------------------------------------ NaN guards
 
 
@@ -323,6 +376,14 @@ def test_skip_nonfinite_batches_skips_and_counts_them(nan_model_dir, tmp_path, c
     steps = [h for h in state["log_history"] if "nonfinite/skipped" in h]
     assert [h["nonfinite/skipped"] for h in steps][-1] == 1.0
     assert len(steps) == 2
+    # The skipped step logs no loss (NaN, not the zero that only carried its zero gradient), and the run's
+    # train_loss is the other step's.
+    losses = [h["loss"] for h in steps]
+    assert sum(math.isnan(x) for x in losses) == 1
+    kept = next(x for x in losses if not math.isnan(x))
+    assert kept > 0
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["train"]["train_loss"] == pytest.approx(kept)
 
 
 # ------------------------------------------------------------------------------------------ terminal

@@ -184,3 +184,26 @@ def test_report_callback_with_a_real_trainer(tmp_path):
     assert [t.tokens for t in start] == [t.tokens for t in end]
     assert start[0].weights != end[0].weights
     assert "".join(start[1].tokens).startswith(" green.")
+
+
+def test_report_callback_labels_a_resumed_start_and_can_defer_the_report(tmp_path):
+    """A resumed run's first snapshot says so; write_on_train_end=False leaves the report to finish()."""
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from tidpo.models import tiny_causal_lm, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    model = tiny_causal_lm(tokenizer=tok)
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), report_to=[], use_cpu=True)
+    state = TrainerState(global_step=3)
+    callback = ReportCallback(
+        [{"prompt": "The sky is", "chosen": " blue."}], tokenizer=tok, write_on_train_end=False
+    )
+    callback.on_train_begin(args, state, TrainerControl(), model=model)
+    callback.on_train_end(args, state, TrainerControl(), model=model)
+    assert list(callback.snapshots) == ["resumed at step 3"]
+    assert not (tmp_path / "run" / "report.html").exists()
+    callback.eval_results = {"eval_loss": 0.6931}
+    callback.finish(args, state, model)
+    page = (tmp_path / "run" / "report.html").read_text(encoding="utf-8")
+    assert "resumed at step 3" in page and "end of training" in page and "0.6931" in page

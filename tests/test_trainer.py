@@ -66,6 +66,10 @@ def test_every_loss_type_trains(tmp_path, tiny_tok, tiny_llama, pairs_dataset, l
         for key in ("weights/mean", "weights/entropy", "triplet/loss", "triplet/dist_pos", "kl/chosen"):
             assert key in logs[-1] and math.isfinite(logs[-1][key])
         assert logs[-1]["weights/mean"] == pytest.approx(1.0, abs=1e-4)
+    else:  # the baselines weight every token 1: no weight statistics to log
+        assert not [k for k in logs[-1] if k.startswith("weights/")]
+    # TDPO1 has no alpha (its KL difference enters with weight 1); the others default to the paper's 0.5.
+    assert trainer.args.tdpo_alpha == (1.0 if loss_type == "tdpo1" else 0.5)
     if loss_type == "simpo":
         assert trainer.ref_model is None
 
@@ -258,6 +262,78 @@ def test_eval_logs_the_same_metric_names(tmp_path, tiny_tok, tiny_llama, pairs_d
         assert key in metrics and math.isfinite(metrics[key]), key
 
 
+def test_eval_metrics_are_per_pair_whatever_the_batch_size(tmp_path, tiny_tok, tiny_llama, pairs_dataset):
+    """Eval metrics are means over pairs (or tokens), not means of batch means: evaluating the same model
+    in batches of 1, 3 (3 + 3 + 2, uneven) and 8 pairs logs the same numbers."""
+    results = []
+    for batch_size in (1, 3, 8):
+        args = make_config(tmp_path, gamma=0.0, per_device_eval_batch_size=batch_size)
+        model = copy.deepcopy(tiny_llama)
+        with torch.no_grad():  # move the policy off the reference, so the rewards are not all 0
+            for param in model.parameters():
+                param.add_(0.05 * torch.randn(param.shape, generator=torch.Generator().manual_seed(1)))
+        trainer = TIDPOTrainer(
+            model,
+            ref_model=tiny_llama,
+            args=args,
+            train_dataset=pairs_dataset,
+            eval_dataset=pairs_dataset,
+            processing_class=tiny_tok,
+        )
+        results.append(trainer.evaluate())
+    per_pair = results[0]
+    n_pairs = len(pairs_dataset)
+    accuracy = per_pair["eval_rewards/accuracies"]
+    assert 0 < accuracy < 1 and accuracy * n_pairs == pytest.approx(round(accuracy * n_pairs))
+    keys = [k for k in per_pair if "/" in k]  # rewards/*, logps/*, logits/*, weights/*, kl/*
+    assert {"eval_rewards/accuracies", "eval_weights/std", "eval_weights/max", "eval_kl/chosen"} <= set(keys)
+    for other in results[1:]:
+        for key in [*keys, "eval_loss"]:
+            assert other[key] == pytest.approx(per_pair[key], rel=1e-4, abs=1e-6), key
+
+
+def test_eval_metrics_take_the_eval_set_name(tmp_path, tiny_tok, tiny_llama, pairs_dataset):
+    """Several eval sets (a dict) or a custom prefix name every metric, as `Trainer` names eval_loss."""
+    args = make_config(tmp_path, gamma=0.0, max_steps=1, eval_strategy="steps", eval_steps=1)
+    half = pairs_dataset.select(range(4))
+    trainer = TIDPOTrainer(
+        tiny_llama,
+        args=args,
+        train_dataset=pairs_dataset,
+        eval_dataset={"all": pairs_dataset, "half": half},
+        processing_class=tiny_tok,
+    )
+    trainer.train()
+    evals = [h for h in trainer.state.log_history if any(k.endswith("_loss") for k in h if k != "loss")]
+    names = set().union(*evals)
+    assert {"eval_all_loss", "eval_all_rewards/accuracies", "eval_half_rewards/margins"} <= names
+    assert not [k for k in names if k.startswith("eval_rewards") or k.startswith("eval_weights")]
+    test = trainer.evaluate(half, metric_key_prefix="test")
+    assert "test_loss" in test and "test_rewards/accuracies" in test
+    assert not [k for k in test if k.startswith("eval_")]
+
+
+def test_window_metrics_pool_batches_by_hand():
+    from tidpo.training.trainer import window_metrics
+
+    # Two batches: 3 of 4 pairs right, then 1 of 2; token weights [1, 2, 3] then [5].
+    stats = {
+        "rewards/accuracies": [(3.0, 4.0), (1.0, 2.0)],
+        "weights/mean": [(6.0, 3.0), (5.0, 1.0)],
+        "weights/_sq": [(14.0, 3.0), (25.0, 1.0)],
+        "weights/max": [(3.0, 1.0), (5.0, 1.0)],
+        "nonfinite/skipped": [(1.0, 1.0), (2.0, 1.0)],
+        "kl/chosen": [],
+    }
+    out = window_metrics(stats)
+    assert out["rewards/accuracies"] == pytest.approx(4 / 6)
+    assert out["weights/mean"] == pytest.approx(2.75)
+    # Sample std of [1, 2, 3, 5]: squared deviations 3.0625 + 0.5625 + 0.0625 + 5.0625 = 8.75, over 3.
+    assert out["weights/std"] == pytest.approx(math.sqrt(8.75 / 3))
+    assert out["weights/max"] == 5.0 and out["nonfinite/skipped"] == 2.0
+    assert "weights/_sq" not in out and "kl/chosen" not in out
+
+
 class StopAt(TrainerCallback):
     """Ends training after a given step, as an interrupted run would (the checkpoint is already saved)."""
 
@@ -321,6 +397,23 @@ def test_nan_batches_can_be_skipped_and_counted(tmp_path, tiny_tok, tiny_llama, 
     with pytest.warns(UserWarning, match="skipped"):
         trainer.train()
     assert trainer.state.log_history[0]["nonfinite/skipped"] == 1.0
+    # The skipped batch's zero loss only carried a zero gradient: no loss is known for the step.
+    assert math.isnan(trainer.state.log_history[0]["loss"])
+    assert math.isnan(trainer.state.log_history[-1]["train_loss"])
+
+
+def test_reentrant_checkpointing_needs_the_separate_attribution_pass(
+    tmp_path, tiny_tok, tiny_llama, pairs_dataset
+):
+    reentrant = dict(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": True})
+    with pytest.raises(ValueError, match=r"use_reentrant.*attribution_pass=.separate."):
+        make_config(tmp_path, **reentrant)
+    make_config(tmp_path, importance_mode="prior", **reentrant)  # no attribution: nothing to refuse
+    args = make_config(tmp_path, attribution_pass="separate", max_steps=1, **reentrant)
+    trainer = TIDPOTrainer(tiny_llama, args=args, train_dataset=pairs_dataset, processing_class=tiny_tok)
+    before = params_snapshot(trainer.model)
+    trainer.train()
+    assert_trained(trainer, before)
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,8 @@ import argparse
 import difflib
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import typing
@@ -50,6 +52,10 @@ class ScriptArguments:
         num_processes: >1 relaunches this command under ``accelerate launch`` with that many processes.
         accelerate_config: an accelerate config file for that relaunch (e.g.
             ``configs/accelerate/zero3.yaml``); default: plain DDP over ``num_processes`` processes.
+        overwrite_output_dir: a run that starts afresh in an ``output_dir`` holding an earlier run's
+            checkpoints or saved model deletes them first (and lists them). Without it such a run stops:
+            an old adapter next to a new full model, or an old checkpoint that ``--resume`` would pick
+            up, would silently mix the two runs.
     """
 
     model: str = "smollm2-135m"
@@ -69,6 +75,7 @@ class ScriptArguments:
     report_pairs: int = 3
     num_processes: int = 1
     accelerate_config: str | None = None
+    overwrite_output_dir: bool = False
 
 
 class CLIError(Exception):
@@ -254,6 +261,40 @@ def _latest_checkpoint(output_dir: str) -> str | None:
     return last_complete_checkpoint(output_dir)
 
 
+# What a run writes into its output_dir that a later run must not mix with its own: checkpoints and
+# saved weights (an adapter beside full weights loads as both), plus the run's records.
+_RUN_FILE = re.compile(
+    r"(tmp-)?checkpoint-\d+|adapter_(model\.(safetensors|bin)|config\.json)|"
+    r"(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?|"
+    r"(trainer_state|metrics|run_config|eval)\.json|report\.html"
+)
+
+
+def _earlier_run(output_dir: str) -> list[Path]:
+    """The files and checkpoint folders an earlier run left in ``output_dir`` (sorted)."""
+    out = Path(output_dir)
+    return sorted(p for p in out.iterdir() if _RUN_FILE.fullmatch(p.name)) if out.is_dir() else []
+
+
+def _start_afresh_in(output_dir: str, overwrite: bool, why: str) -> None:
+    """Refuse to start a new run on top of an earlier one, or (``overwrite``) delete the earlier one."""
+    found = _earlier_run(output_dir)
+    if not found:
+        return
+    names = ", ".join(p.name for p in found[:6]) + (f" and {len(found) - 6} more" if len(found) > 6 else "")
+    if not overwrite:
+        raise CLIError(
+            f"--output_dir {output_dir} holds an earlier run ({names}) and {why}. Pass --resume to continue "
+            "it, choose another --output_dir, or pass --overwrite_output_dir true to delete those files first."
+        )
+    print(f"tidpo: --overwrite_output_dir: deleting the earlier run in {output_dir}: {names}", flush=True)
+    for path in found:  # every rank may get here: tolerate files another rank already removed
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
 def _check_model_path(name_or_path: str, option: str) -> None:
     """A model given as a path must exist: fail here with the path, not deep inside from_pretrained."""
     from tidpo.models import EMBEDDED_MODELS
@@ -284,6 +325,10 @@ def train(argv: list[str]) -> int:
         _check_model_path(script.ref_model, "ref_model")
     if resume not in (None, "latest") and not Path(resume).is_dir():
         raise FileNotFoundError(f"--resume {resume}: no such checkpoint folder.")
+    checkpoint = _latest_checkpoint(config.output_dir) if resume == "latest" else resume
+    if checkpoint is None:
+        why = "--resume found no complete checkpoint in it" if resume else "this run starts afresh"
+        _start_afresh_in(config.output_dir, script.overwrite_output_dir, why)
 
     model_kwargs = dict(config.model_init_kwargs or {})
     model_kwargs.setdefault("dtype", script.dtype)
@@ -313,18 +358,18 @@ def train(argv: list[str]) -> int:
         config.eval_strategy = "steps"
         config.eval_steps = config.eval_steps or config.logging_steps
 
-    callbacks = []
+    report = None
     if script.report:
         from tidpo.report import ReportCallback
 
         pairs = [train_data[i] for i in range(min(script.report_pairs, len(train_data)))]
-        callbacks.append(
-            ReportCallback(
-                pairs=pairs,
-                tokenizer=tokenizer,
-                lambda_importance=config.lambda_importance,
-                sigma_div=config.sigma_div,
-            )
+        report = ReportCallback(
+            pairs=pairs,
+            tokenizer=tokenizer,
+            lambda_importance=config.lambda_importance,
+            sigma_div=config.sigma_div,
+            span=config.importance_span,
+            write_on_train_end=False,  # written below, once the model is saved and evaluated
         )
 
     trainer = TIDPOTrainer(
@@ -335,29 +380,22 @@ def train(argv: list[str]) -> int:
         eval_dataset=eval_data,
         processing_class=tokenizer,
         peft_config=_peft_config(script),
-        callbacks=callbacks,
+        callbacks=[report] if report else None,
     )
-    checkpoint = None
-    if resume == "latest":
-        checkpoint = _latest_checkpoint(config.output_dir)
-        if checkpoint is None:
-            print(f"tidpo: --resume given but no checkpoint in {config.output_dir}; starting afresh.")
-        else:
-            print(f"tidpo: resuming from {checkpoint}", flush=True)
-    elif resume:
-        checkpoint = resume
-    elif _latest_checkpoint(config.output_dir) is not None:
-        print(
-            f"tidpo: warning: {config.output_dir} already holds checkpoints; this run starts afresh and may "
-            "replace them. Pass --resume to continue the earlier run.",
-            file=sys.stderr,
-        )
+    if checkpoint is not None:
+        print(f"tidpo: resuming from {checkpoint}", flush=True)
     result = trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_model(config.output_dir)
     trainer.save_state()
     eval_metrics = _final_eval(trainer) if eval_data is not None else {}
     if trainer.is_world_process_zero():
         _write_run_files(config, script, result.metrics, eval_metrics)
+    if report is not None:
+        # The final eval's metrics as the report's table (not its timings).
+        shown = {k: v for k, v in eval_metrics.items() if not k.endswith(("_runtime", "_per_second"))}
+        report.eval_results = shown or None
+        report.finish(trainer.args, trainer.state, trainer.model)
+    if trainer.is_world_process_zero():
         _print_summary(trainer, config, result.metrics, eval_metrics)
     return 0
 

@@ -26,6 +26,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from tidpo.evaluation.explain import TokenImportance, explain, page, render_html_fragment
+from tidpo.tokenops import NonFiniteError
 
 __all__ = ["ReportCallback", "find_log_history", "write_report"]
 
@@ -379,6 +380,9 @@ class ReportCallback(TrainerCallback):
         tokenizer: the policy's tokenizer (default: the trainer's ``processing_class``).
         lambda_importance, sigma_div, span: as in training (see ``tidpo.evaluation.explain``).
         eval_results: optional evaluation metrics to include.
+        write_on_train_end: ``False`` leaves the end snapshot and the report to a later :meth:`finish`
+            call (``tidpo train`` makes it after saving the model and running the final evaluation, so
+            a failing snapshot cannot cost the saved model, and the report holds the final eval).
 
     The snapshots are computed on every process (under ZeRO-3/FSDP a forward needs all ranks); only
     the main process writes the report.
@@ -392,6 +396,7 @@ class ReportCallback(TrainerCallback):
         sigma_div: float = 4.0,
         span: str = "response",
         eval_results: dict | None = None,
+        write_on_train_end: bool = True,
     ) -> None:
         self.pairs = [_prompt_and_chosen(row, i) for i, row in enumerate(pairs)]
         self.tokenizer = tokenizer
@@ -399,35 +404,50 @@ class ReportCallback(TrainerCallback):
         self.sigma_div = sigma_div
         self.span = span
         self.eval_results = eval_results
+        self.write_on_train_end = write_on_train_end
         self.snapshots: dict[str, list[TokenImportance]] = {}
 
-    def _snapshot(self, label: str, kwargs: Mapping[str, Any]) -> None:
-        model = kwargs.get("model")
-        tokenizer = self.tokenizer or kwargs.get("processing_class") or kwargs.get("tokenizer")
+    def _snapshot(self, label: str, model: Any, tokenizer: Any) -> None:
+        tokenizer = self.tokenizer or tokenizer
         if model is None or tokenizer is None:
             raise ValueError(
                 "ReportCallback: the trainer passed no model or tokenizer to the callback; give tokenizer=..."
             )
-        self.snapshots[label] = [
-            explain(
-                model,
-                tokenizer,
-                prompt,
-                chosen,
-                lambda_importance=self.lambda_importance,
-                sigma_div=self.sigma_div,
-                span=self.span,
-            )
-            for prompt, chosen in self.pairs
-        ]
+        shots = []
+        for i, (prompt, chosen) in enumerate(self.pairs):
+            try:
+                shots.append(
+                    explain(
+                        model,
+                        tokenizer,
+                        prompt,
+                        chosen,
+                        lambda_importance=self.lambda_importance,
+                        sigma_div=self.sigma_div,
+                        span=self.span,
+                    )
+                )
+            except NonFiniteError as err:
+                raise NonFiniteError(
+                    f"report.html: the token-importance snapshot '{label}' of report pair {i} is not finite "
+                    f"(the policy's gradients hold NaN/Inf; saved checkpoints are untouched): {err}",
+                    err.batch_rows,
+                ) from err
+        self.snapshots[label] = shots
 
     def on_train_begin(self, args, state, control, **kwargs):  # type: ignore[override]
-        """Snapshot the token weights under the initial policy."""
-        self._snapshot("start of training", kwargs)
+        """Snapshot the token weights under the initial policy (or the one a resumed run starts from)."""
+        label = "start of training" if state.global_step == 0 else f"resumed at step {state.global_step}"
+        self._snapshot(label, kwargs.get("model"), kwargs.get("processing_class"))
 
     def on_train_end(self, args, state, control, **kwargs):  # type: ignore[override]
         """Snapshot again under the trained policy and write the report (main process only)."""
-        self._snapshot("end of training", kwargs)
+        if self.write_on_train_end:
+            self.finish(args, state, kwargs.get("model"), kwargs.get("processing_class"))
+
+    def finish(self, args: Any, state: Any, model: Any, tokenizer: Any = None) -> None:
+        """Take the end-of-training snapshot and write the report (every process must call it)."""
+        self._snapshot("end of training", model, tokenizer)
         if state.is_world_process_zero:
             write_report(
                 args.output_dir,

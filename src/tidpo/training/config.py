@@ -35,10 +35,12 @@ class TIDPOConfig(TrainingArguments):
             Temperature of the implicit reward, the beta of `-log sigmoid(beta * Delta)` (Eq. 12).
         label_smoothing (`float`, defaults to `0.0`):
             cDPO's assumed probability that a label is flipped (`"dpo"` and `"simpo"` only), in [0, 0.5).
-        tdpo_alpha (`float`, defaults to `0.5`):
+        tdpo_alpha (`float` or `None`, defaults to `None`):
             Weight alpha of the sequential KL term `alpha * (KL_seq(y_l) - sg(KL_seq(y_w)))` inside the
             sigmoid (spec section 4; the paper's "TDPO KL weight"). Used by `"ti_dpo"`, `"tdpo1"`,
-            `"tdpo2"`; 0 turns it off (then `"ti_dpo"` is exactly Eq. 12 plus the triplet term).
+            `"tdpo2"`; 0 turns it off (then `"ti_dpo"` is exactly Eq. 12 plus the triplet term). `None`:
+            the loss type's own value, 0.5 for `"ti_dpo"` and `"tdpo2"` (the paper's table), 1 for
+            `"tdpo1"` (TDPO1 has no alpha: its KL difference enters with weight 1).
         gamma (`float`, defaults to `0.1`):
             Weight of the triplet loss in `L = L_base + gamma * L_triplet` (Eq. 14). 0 disables the triplet
             term and anchor sampling (the "no triplet" ablation).
@@ -159,7 +161,9 @@ class TIDPOConfig(TrainingArguments):
     loss_type: str = field(default="ti_dpo", metadata={"help": f"One of {LOSS_TYPES}."})
     beta: float = field(default=0.1, metadata={"help": "Implicit-reward temperature beta (Eq. 12)."})
     label_smoothing: float = field(default=0.0, metadata={"help": "cDPO label smoothing ('dpo', 'simpo')."})
-    tdpo_alpha: float = field(default=0.5, metadata={"help": "Sequential KL weight alpha (spec §4)."})
+    tdpo_alpha: float | None = field(
+        default=None, metadata={"help": "Sequential KL weight alpha (spec §4); None: 1 for tdpo1, else 0.5."}
+    )
     gamma: float = field(default=0.1, metadata={"help": "Triplet loss weight gamma (Eq. 14)."})
     triplet_margin: float = field(default=0.1, metadata={"help": "Triplet hinge margin (Eq. 13)."})
     simpo_gamma: float = field(default=0.5, metadata={"help": "SimPO target reward margin."})
@@ -225,6 +229,19 @@ class TIDPOConfig(TrainingArguments):
             # Non-reentrant checkpointing supports autograd.grad, which the attribution backward uses.
             self.activation_checkpointing_kwargs = {"use_reentrant": False}
         super().__post_init__()
+        kwargs = self.activation_checkpointing_kwargs or {}
+        if (
+            self.activation_checkpointing
+            and kwargs.get("use_reentrant") is True
+            and self.uses_attribution
+            and self.attribution_pass == "fused"
+        ):
+            raise ValueError(
+                "TIDPOConfig: gradient checkpointing with use_reentrant=True cannot run the fused attribution "
+                "pass (torch's reentrant checkpoint does not support the autograd.grad call it makes). Use "
+                "gradient_checkpointing_kwargs={'use_reentrant': False} (the default here), or "
+                "attribution_pass='separate'."
+            )
 
     def _validate_tidpo(self) -> None:
         def bad(option: str, value: object, expected: str) -> ValueError:
@@ -232,6 +249,8 @@ class TIDPOConfig(TrainingArguments):
 
         if self.loss_type not in LOSS_TYPES:
             raise bad("loss_type", self.loss_type, f"one of {', '.join(LOSS_TYPES)}")
+        if self.tdpo_alpha is None:
+            self.tdpo_alpha = 1.0 if self.loss_type == "tdpo1" else 0.5
         if self.importance_mode not in IMPORTANCE_MODES:
             raise bad("importance_mode", self.importance_mode, f"one of {', '.join(IMPORTANCE_MODES)}")
         if self.importance_span not in IMPORTANCE_SPANS:

@@ -17,9 +17,9 @@ TI-DPO does three things a plain DPO trainer does not, and each interacts with s
   like the policy under ZeRO-3 / FSDP (as TRL's ``prepare_deepspeed`` / ``prepare_fsdp`` do) instead
   of keeping a full replica on every device.
 
-Plus two small pieces for data-parallel bookkeeping: :func:`rank_slice` (split a precompute pass
-across ranks with the same number of batches on each) and :func:`global_mean` (metrics that are the
-same on every rank, whatever the shapes of the per-rank tensors).
+Plus small pieces for data-parallel bookkeeping: :func:`rank_slice` (split a precompute pass across
+ranks with the same number of batches on each), :func:`global_sum_count` and :func:`global_max`
+(metrics that are the same on every rank, whatever the shapes of the per-rank tensors).
 
 Everything here is a no-op or a plain call on one process and under DDP, so it is exercised by the
 CPU test suite on those paths; the DeepSpeed and FSDP branches need GPUs (see docs/scaling.md).
@@ -45,7 +45,8 @@ __all__ = [
     "backend_name",
     "default_reference_model",
     "fused_attribution_supported",
-    "global_mean",
+    "global_max",
+    "global_sum_count",
     "is_fsdp",
     "prepare_reference_model",
     "rank_slice",
@@ -410,17 +411,26 @@ def rank_slice(num_rows: int, num_processes: int, process_index: int, batch_size
     return own + [num_rows - 1] * (block - len(own))
 
 
-def global_mean(accelerator: Accelerator, values: torch.Tensor) -> float:
-    """Mean of ``values`` over every element on every rank (the same float on all ranks).
+def global_sum_count(accelerator: Accelerator, values: torch.Tensor) -> tuple[float, float]:
+    """``(sum, count)`` of ``values`` over every element on every rank (the same floats on all ranks).
 
-    Each rank contributes its (sum, count), so per-rank tensors may have different shapes and sizes,
-    which ``gather_for_metrics`` does not allow (and its de-duplication of the last uneven batch
-    assumes one value per sample, which per-token or per-rank statistics are not).
+    Metrics are logged as the window's summed sums over its summed counts, so a mean is over pairs (or
+    tokens) whatever the batch sizes. Each rank contributes its own (sum, count), so per-rank tensors may
+    have different shapes and sizes, which ``gather_for_metrics`` does not allow (and its de-duplication
+    of the last uneven batch assumes one value per sample, which per-token statistics are not).
     """
     values = values.detach().float().reshape(-1)
     stats = torch.stack([values.sum(), torch.tensor(float(values.numel()), device=values.device)])
     if accelerator.num_processes > 1:
         stats = accelerator.gather(stats.unsqueeze(0)).reshape(-1, 2).sum(0)
-    if stats[1].item() == 0:
-        return float("nan")  # nothing to average anywhere (what a mean of an empty tensor gives)
-    return (stats[0] / stats[1]).item()
+    total, count = stats.tolist()
+    return total, count
+
+
+def global_max(accelerator: Accelerator, values: torch.Tensor) -> float:
+    """Largest element of ``values`` over every rank (``-inf`` where all are empty)."""
+    values = values.detach().float().reshape(-1)
+    top = values.max() if values.numel() else values.new_tensor(float("-inf"))
+    if accelerator.num_processes > 1:
+        top = accelerator.gather(top.reshape(1)).max()
+    return float(top)

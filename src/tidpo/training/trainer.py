@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import math
 import warnings
 from collections import defaultdict
 from typing import Any
@@ -70,7 +71,8 @@ from tidpo.training.config import TIDPOConfig
 from tidpo.training.distributed import (
     default_reference_model,
     fused_attribution_supported,
-    global_mean,
+    global_max,
+    global_sum_count,
     is_fsdp,
     prepare_reference_model,
     rank_slice,
@@ -157,6 +159,33 @@ def _disable_dropout(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.0
+
+
+# Metrics whose value over a logging window is their largest, not their mean.
+_MAX_METRICS = frozenset({"weights/max", "nonfinite/skipped"})
+
+
+def window_metrics(stats: dict[str, list[tuple[float, float]]]) -> dict[str, float]:
+    """The logged value of each metric over a logging window (or a whole evaluation).
+
+    ``stats`` holds, per metric, the ``(sum, count)`` of each batch. A mean is the summed sums over the
+    summed counts, a mean over pairs (or tokens) whatever the batch sizes; ``_MAX_METRICS`` take the
+    largest sum; ``weights/std`` is pooled from the weights' first two moments (sample std).
+    """
+    out: dict[str, float] = {}
+    for key, entries in stats.items():
+        if not entries:
+            continue
+        if key in _MAX_METRICS:
+            out[key] = max(total for total, _ in entries)
+            continue
+        count = sum(c for _, c in entries)
+        out[key] = sum(total for total, _ in entries) / count if count else float("nan")
+    if "weights/_sq" in out:
+        n = sum(c for _, c in stats["weights/_sq"])
+        mean, mean_sq = out["weights/mean"], out.pop("weights/_sq")
+        out["weights/std"] = math.sqrt(max(mean_sq - mean * mean, 0.0) * n / (n - 1)) if n > 1 else 0.0
+    return out
 
 
 class TIDPOTrainer(Trainer):
@@ -259,11 +288,18 @@ class TIDPOTrainer(Trainer):
             callbacks=callbacks,
             optimizers=optimizers,
         )
-        self._metrics: dict[str, dict[str, list[float]]] = {
+        # Per mode, per metric: the (sum, count) of each batch since the last log (`window_metrics`).
+        self._metrics: dict[str, dict[str, list[tuple[float, float]]]] = {
             "train": defaultdict(list),
             "eval": defaultdict(list),
         }
         self._nonfinite_skipped = 0
+        self._eval_prefix = "eval"
+        # skip_nonfinite_batches: losses of the kept training batches and skipped count since the last log,
+        # and the run's (sum, count, skipped) of them.
+        self._kept_losses: list[float] = []
+        self._skipped_in_window = 0
+        self._run_losses = [0.0, 0.0, 0.0]
         self._anchor_caches: dict[int, StaticCache] = {}  # batch size -> static KV cache for anchors
         self._fallbacks_logged: set[str] = set()  # why a speed path fell back, logged once each
 
@@ -739,6 +775,7 @@ class TIDPOTrainer(Trainer):
     # ------------------------------------------------------------------ the loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        skipped = False
         try:
             loss, metrics = self._compute_loss(model, inputs)
         except NonFiniteError as raw:
@@ -746,16 +783,22 @@ class TIDPOTrainer(Trainer):
             if not self.args.skip_nonfinite_batches:
                 raise err from raw
             self._nonfinite_skipped += 1
+            skipped = True
             warnings.warn(f"{err} -- batch skipped (skip_nonfinite_batches=True).", stacklevel=2)
             # A zero loss that still reaches every trainable parameter, so DDP and the optimizer see a
             # zero gradient rather than a missing one.
             loss = sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
             metrics = {}
         mode = "train" if model.training else "eval"
+        if mode == "train" and self.args.skip_nonfinite_batches:  # for `_loss_without_skipped`
+            if skipped:
+                self._skipped_in_window += 1
+            else:
+                self._kept_losses.append(float(loss.detach()))
         for key, value in metrics.items():
             self._metrics[mode][key].append(value)
-        if self.args.skip_nonfinite_batches:
-            self._metrics[mode]["nonfinite/skipped"].append(float(self._nonfinite_skipped))
+        if self.args.skip_nonfinite_batches:  # the running total (a max over the window)
+            self._metrics[mode]["nonfinite/skipped"].append((float(self._nonfinite_skipped), 1.0))
         return (loss, {}) if return_outputs else loss
 
     def _policy_forward(
@@ -1065,7 +1108,7 @@ class TIDPOTrainer(Trainer):
         check_finite("per-pair loss", losses.detach(), rows=pair_ids, step=step)
         loss = losses.mean()
 
-        metrics: dict[str, float] = {}
+        metrics: dict[str, tuple[float, float]] = {}
         if args.uses_triplet:
             b, b_mask = pack_to_response_start(c_lr, c_mask)
             c, c_mask_p = pack_to_response_start(r_lr, r_mask)
@@ -1086,7 +1129,8 @@ class TIDPOTrainer(Trainer):
         if kl is not None:
             metrics["kl/chosen"] = self._gather_mean(c_kl.sum(1))
             metrics["kl/rejected"] = self._gather_mean(r_kl.sum(1))
-        metrics.update(self._weight_metrics(weights, cmask))
+        if lt == "ti_dpo":  # the baselines weight every token 1
+            metrics.update(self._weight_metrics(weights, cmask))
         return loss, metrics
 
     # ------------------------------------------------------------------ checkpoints
@@ -1098,9 +1142,9 @@ class TIDPOTrainer(Trainer):
 
     # ------------------------------------------------------------------ metrics
 
-    def _gather_mean(self, values: torch.Tensor) -> float:
-        # (sum, count) per rank: robust to per-rank shapes, the same value on every rank.
-        return global_mean(self.accelerator, values)
+    def _gather_mean(self, values: torch.Tensor) -> tuple[float, float]:
+        # (sum, count) over every rank; `log` divides a window's sums by its counts (`window_metrics`).
+        return global_sum_count(self.accelerator, values)
 
     def _pair_metrics(self, chosen_rewards, rejected_rewards, policy_logps, logits, cmask, n_pairs):
         with torch.no_grad():
@@ -1122,30 +1166,67 @@ class TIDPOTrainer(Trainer):
             "logits/rejected": self._gather_mean(mean_logits[n_pairs:]),
         }
 
-    def _weight_metrics(self, weights: torch.Tensor, cmask: torch.Tensor) -> dict[str, float]:
+    def _weight_metrics(self, weights: torch.Tensor, cmask: torch.Tensor) -> dict[str, tuple[float, float]]:
         with torch.no_grad():
-            w = weights[cmask]
+            w = weights[cmask].float()
             # Entropy (nats) of each row's weights read as a distribution over its response tokens.
             p = (weights / weights.sum(1, keepdim=True).clamp(min=1e-12)) * cmask
             entropy = -(p * torch.log(p.clamp(min=1e-12))).sum(1)
         return {
-            "weights/mean": self._gather_mean(w.mean()),
-            "weights/std": self._gather_mean(w.std() if w.numel() > 1 else torch.zeros(())),
-            "weights/max": self._gather_mean(w.max()),
+            "weights/mean": self._gather_mean(w),
+            "weights/_sq": self._gather_mean(w * w),  # with the mean, the pooled std (window_metrics)
+            "weights/max": (global_max(self.accelerator, w), 1.0),
             "weights/entropy": self._gather_mean(entropy),
         }
 
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        if isinstance(eval_dataset, Dataset) and "chosen_input_ids" not in eval_dataset.column_names:
+            # Raw preference rows, as the constructor takes them: prepared the same way.
+            eval_dataset = self.prepare_dataset(eval_dataset, self.processing_class, self.args)
+            if self.args.precompute_ref_logps:
+                eval_dataset = self._precompute_ref_logps(eval_dataset)
+        # `log` names the eval metrics with this prefix, as `Trainer` names eval_loss (e.g. a dict of eval
+        # sets gives eval_<name>_loss and eval_<name>_rewards/accuracies).
+        self._eval_prefix = metric_key_prefix
+        return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if self.model.training else "eval"
-        metrics = {key: sum(values) / len(values) for key, values in self._metrics[mode].items() if values}
+        metrics = window_metrics(self._metrics[mode])
         if mode == "eval":
-            metrics = {f"eval_{key}": value for key, value in metrics.items()}
+            metrics = {f"{self._eval_prefix}_{key}": value for key, value in metrics.items()}
         logs.update(metrics)
+        if self.args.skip_nonfinite_batches:
+            self._loss_without_skipped(logs)
         super().log(logs, start_time)
         self._metrics[mode].clear()
 
+    def _loss_without_skipped(self, logs: dict[str, float]) -> None:
+        """Replace the logged training loss by the mean over the batches that were not skipped.
+
+        A skipped batch returns a zero loss (it only carries a zero gradient), which `Trainer` would average
+        into `loss` and `train_loss` as if it were a real value. Every rank calls `log` with the same keys,
+        so the gathers below run everywhere.
+        """
+        if "loss" in logs:
+            kept = global_sum_count(self.accelerator, torch.tensor(self._kept_losses, dtype=torch.float64))
+            skipped = global_sum_count(self.accelerator, torch.tensor([float(self._skipped_in_window)]))[0]
+            self._run_losses[0] += kept[0]
+            self._run_losses[1] += kept[1]
+            self._run_losses[2] += skipped
+            if skipped:
+                logs["loss"] = kept[0] / kept[1] if kept[1] else float("nan")
+            self._kept_losses.clear()
+            self._skipped_in_window = 0
+        if "train_loss" in logs and self._run_losses[2]:
+            total, count, _ = self._run_losses
+            logs["train_loss"] = total / count if count else float("nan")
+
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
+        skipped = self._nonfinite_skipped
         with torch.no_grad(), self.compute_loss_context_manager():
-            loss = self.compute_loss(model, inputs)
-        return loss.detach(), None, None
+            loss = self.compute_loss(model, inputs).detach()
+        if self._nonfinite_skipped != skipped:  # as in training_step: left out of eval_loss
+            loss = torch.full_like(loss, float("nan"))
+        return loss, None, None
