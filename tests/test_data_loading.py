@@ -71,6 +71,9 @@ def write_file(path, rows):
     return path
 
 
+PAIR_ROW = {"prompt": "The sky is", "chosen": " blue.", "rejected": " green."}
+
+
 @pytest.mark.parametrize("fmt", sorted(ALL_FORMATS))
 @pytest.mark.parametrize("suffix", [".jsonl", ".json", ".parquet", ".csv"])
 def test_every_format_from_every_file_type(fmt, suffix, tmp_path, tok):
@@ -182,6 +185,43 @@ def test_csv_with_misnamed_header(tmp_path):
     assert "named.csv" in message
     assert "rename 'response_chosen' to 'chosen'" in message
     assert "question" in message
+
+
+def test_csv_saved_with_a_byte_order_mark_keeps_its_prompt(tmp_path, tok):
+    """Excel's "CSV UTF-8" starts with a BOM: the header must still read 'prompt', not '\ufeffprompt'
+    (which would make every row implicit-prompt and lose the prompt)."""
+    path = tmp_path / "bom.csv"
+    path.write_bytes(
+        "\ufeffprompt,chosen,rejected\nWhat colour is the sky?,It is blue,It is green\n".encode()
+    )
+    data = prepare_preference_dataset(path, tok)
+    assert tok.decode(data[0]["prompt_input_ids"]).startswith("What colour is the sky?")
+
+
+@pytest.mark.parametrize("header", ["Prompt", "prompt ", " PROMPT"])
+def test_a_near_miss_prompt_column_is_an_error_not_an_implicit_prompt(tmp_path, tok, header):
+    path = tmp_path / "near.jsonl"
+    path.write_text(
+        json.dumps({header: "What colour is the sky?", "chosen": "Blue", "rejected": "Green"}) + "\n"
+    )
+    with pytest.raises(PreferenceDataError, match=f"there is {header!r}.*Rename {header!r} to 'prompt'"):
+        prepare_preference_dataset(path, tok)
+
+
+@pytest.mark.parametrize("char", ["\u2028", "\u2029", "\x85", "\x1c", "\x0c"])
+def test_line_separator_characters_inside_values_stay_in_the_value(tmp_path, char):
+    """json.dumps(..., ensure_ascii=False) and csv.writer leave these unescaped; str.splitlines() would cut
+    the row there."""
+    rows = [{"prompt": "Two lines:", "chosen": f" one{char}two", "rejected": " no"}, PAIR_ROW]
+    jsonl = tmp_path / "rows.jsonl"
+    jsonl.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    with (tmp_path / "rows.csv").open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=["prompt", "chosen", "rejected"])
+        writer.writeheader()
+        writer.writerows(rows)
+    for path in (jsonl, tmp_path / "rows.csv"):
+        loaded = load_preference_dataset(path)
+        assert loaded.to_list() == rows, path.name
 
 
 def test_corrupt_parquet(tmp_path):

@@ -203,3 +203,18 @@ def test_retokenising_replaces_the_id_columns(tok):
     twice = tokenize_preference_dataset(once, tok, max_length=8, max_prompt_length=4)
     assert len(twice[0]["prompt_input_ids"]) == 4
     assert twice.column_names.count("prompt_input_ids") == 1
+
+
+def test_rows_with_a_prompt_of_no_tokens_are_an_error_naming_them(tok):
+    """Implicit-prompt rows sharing no beginning have nothing to condition on: the first response token
+    would get no logits (log-prob 0) and no anchor could be sampled. An error, not a silent zero."""
+    rows = [
+        {"chosen": "The sky is blue.", "rejected": "The sky is green."},  # prompt "The sky is"
+        {"chosen": "Blue.", "rejected": "Green."},  # no shared beginning
+        {"chosen": "Yes", "rejected": "No"},
+    ]
+    with pytest.raises(
+        PreferenceDataError, match=r"2 row\(s\) have a prompt of no tokens \(0-based rows 1, 2\)"
+    ):
+        prepare_preference_dataset(Dataset.from_list(rows), tok)
+    assert len(prepare_preference_dataset(Dataset.from_list(rows[:1]), tok)) == 1

@@ -185,11 +185,6 @@ def test_conversational_completion_without_text():
     assert "row 0 (0-based), field 'chosen': the completion messages have no text" in error_of(data)
 
 
-def test_standard_implicit_with_no_shared_prefix_warns():
-    with pytest.warns(UserWarning, match=r"1 row\(s\) have an implicit prompt.*0-based rows 0"):
-        validate_preference_rows(ds({"chosen": "Yes.", "rejected": "No."}))
-
-
 def test_split_implicit_prompt_examples():
     assert split_implicit_prompt("The sky is blue.", "The sky is green.") == (
         "The sky is",

@@ -103,7 +103,11 @@ def check_columns(columns: Sequence[str], source: str = "<dataset>") -> bool:
             f"{source}: missing column(s) {missing}; found columns {found}; {expected}.{hint}"
         )
     if "prompt" not in found:
-        prompt_like = [c for c in found if c.lower() in _RENAME_HINTS["prompt"]]
+        # Also 'Prompt', 'prompt ' or a BOM-prefixed header: a near-miss would silently make every row
+        # implicit-prompt, and the real prompt would never be seen.
+        prompt_like = [
+            c for c in found if c.strip().lstrip("\ufeff").lower() in ("prompt", *_RENAME_HINTS["prompt"])
+        ]
         if prompt_like:
             raise PreferenceDataError(
                 f"{source}: there is no 'prompt' column but there is {prompt_like[0]!r}; found columns {found}; "
@@ -220,7 +224,6 @@ def iter_rows(dataset: Dataset, columns: Sequence[str], batch_size: int = 1024) 
 class _RowReport:
     fmt: PreferenceFormat
     identical: list[int]
-    empty_prompt: list[int]
 
 
 def validate_rows(rows: Iterable[Mapping[str, Any]], columns: Sequence[str], source: str) -> _RowReport:
@@ -236,7 +239,6 @@ def validate_rows(rows: Iterable[Mapping[str, Any]], columns: Sequence[str], sou
             )
     first_kind: FormatKind | None = None
     identical: list[int] = []
-    empty_prompt: list[int] = []
     n_rows = 0
     for i, row in enumerate(rows):
         n_rows += 1
@@ -274,14 +276,12 @@ def validate_rows(rows: Iterable[Mapping[str, Any]], columns: Sequence[str], sou
                     raise PreferenceDataError(
                         f"{_where(source, i, f)}: the completion messages have no text; give a non-empty reply."
                     )
-        elif not explicit and split_implicit_prompt(chosen, rejected)[0] == "":
-            empty_prompt.append(i)
         for f in per_token:
             _check_per_token(row.get(f), source, i, f)
     if n_rows == 0:
         raise PreferenceDataError(f"{source}: the dataset has no rows.")
     assert first_kind is not None
-    return _RowReport(PreferenceFormat(first_kind, explicit), identical, empty_prompt)
+    return _RowReport(PreferenceFormat(first_kind, explicit), identical)
 
 
 def validate_preference_rows(
@@ -308,14 +308,6 @@ def validate_preference_rows(
     check_columns(columns, source)
     wanted = [c for c in (*TEXT_FIELDS, *WEIGHT_COLUMNS, *REF_LOGP_COLUMNS) if c in columns]
     report = validate_rows(iter_rows(dataset, wanted), columns, source)
-    if report.empty_prompt:
-        warnings.warn(
-            f"{source}: {len(report.empty_prompt)} row(s) have an implicit prompt but 'chosen' and 'rejected' "
-            f"differ from their first character, so their prompt is empty (0-based rows "
-            f"{format_rows(report.empty_prompt)}). Add a 'prompt' column if that is not intended.",
-            UserWarning,
-            stacklevel=2,
-        )
     if report.identical:
         n = len(report.identical)
         rows = format_rows(report.identical)

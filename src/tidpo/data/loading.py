@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import re
 from collections.abc import Mapping, Sequence
@@ -115,7 +116,7 @@ def _load_file(path: Path) -> Dataset:
         rows = _read_parquet(path)
     else:
         try:
-            text = path.read_text(encoding="utf-8")
+            text = path.read_text(encoding="utf-8-sig")  # -sig: drops the BOM spreadsheets write
         except UnicodeDecodeError as err:
             raise PreferenceDataError(
                 f"{path}: not valid UTF-8 text (byte {err.start}); save the file as UTF-8."
@@ -131,7 +132,9 @@ def _load_file(path: Path) -> Dataset:
 
 def _parse_jsonl(text: str, path: Path) -> list[dict[str, Any]]:
     rows = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    # Rows end at "\n" only: str.splitlines() would also break inside strings at U+2028, U+0085, \x1c...,
+    # which json.dumps(..., ensure_ascii=False) writes unescaped.
+    for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue  # blank lines (e.g. a trailing newline) are not rows
         try:
@@ -184,7 +187,8 @@ def _parse_json(text: str, path: Path) -> list[dict[str, Any]]:
 
 def _parse_csv(text: str, path: Path) -> list[dict[str, Any]]:
     # The csv module keeps every cell a string (pandas would turn empty cells into NaN floats).
-    reader = csv.DictReader(text.splitlines(keepends=True))
+    # newline="": the csv module splits rows itself (quoted newlines, and not at U+2028 and friends).
+    reader = csv.DictReader(io.StringIO(text, newline=""))
     rows = []
     try:
         for i, row in enumerate(reader):

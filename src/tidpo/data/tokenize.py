@@ -191,6 +191,7 @@ def _tokenize_validated(
     keep: list[int] = []
     overlong: list[int] = []
     prompt_mismatch: list[int] = []
+    empty_prompt: list[int] = []
 
     rows_iter = iter_rows(dataset, wanted)
     index = 0
@@ -230,6 +231,9 @@ def _tokenize_validated(
                         f"completion has {lengths[which]} tokens with this tokenizer (EOS included for standard "
                         "rows); give one value per completion token, computed with the same tokenizer."
                     )
+            if not prompt:
+                empty_prompt.append(i)
+                continue
             if max_prompt_length is not None and len(prompt) > max_prompt_length:
                 prompt = prompt[-max_prompt_length:]  # keep the end: the part next to the response
             room = None if max_length is None else max_length - len(prompt)
@@ -244,6 +248,16 @@ def _tokenize_validated(
                 per_token_out[col].append([float(x) for x in row[col][:room]])
         index += len(batch)
 
+    if empty_prompt:
+        # Nothing to condition on: the first response token would have no logits (log-prob 0, no gradient)
+        # and anchors could not be sampled.
+        raise PreferenceDataError(
+            f"{source}: {len(empty_prompt)} row(s) have a prompt of no tokens (0-based rows "
+            f"{format_rows(empty_prompt)}): implicit-prompt rows whose 'chosen' and 'rejected' share no "
+            "beginning, or a prompt whose tokens merge into the response's first token. Give those rows a "
+            "'prompt' column (or remove them), and end prompts on a token boundary (e.g. a trailing space "
+            "or newline)."
+        )
     if prompt_mismatch:
         warnings.warn(
             f"{source}: for {len(prompt_mismatch)} row(s) (0-based rows {format_rows(prompt_mismatch)}) the "
