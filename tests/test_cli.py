@@ -192,6 +192,15 @@ def test_missing_model_folder(tmp_path, capsys):
         (["--loss_type", "kto"], ["loss_type='kto'", "ti_dpo"]),
         (["--max_prompt_length", "64", "--max_length", "32"], ["max_prompt_length=64", "max_length=32"]),
         (["--label_smoothing", "0.2"], ["label_smoothing=0.2"]),
+        (
+            [
+                "--gradient_checkpointing",
+                "true",
+                "--gradient_checkpointing_kwargs",
+                '{"use_reentrant": true}',
+            ],
+            ["use_reentrant=True", "attribution_pass='separate'"],
+        ),
     ],
 )
 def test_invalid_hyper_parameters(model_dir, tmp_path, capsys, flags, fragments):
@@ -218,6 +227,28 @@ def test_yaml_value_of_the_wrong_type(model_dir, tmp_path, capsys):
     data = data_file(tmp_path, PAIRS)
     expect_error(
         [*argv_for(model_dir, data, tmp_path), "--config", str(config)], capsys, "'beta' must be a number"
+    )
+
+
+@pytest.mark.parametrize(
+    ("flags", "fragment"),
+    [
+        (["--dtype", "float17"], "--dtype 'float17': not a torch dtype"),
+        (["--report_pairs", "0"], "--report_pairs 0: must be >= 1"),
+        (["--resume", "--resume_from_checkpoint", "x"], "not both"),
+    ],
+)
+def test_invalid_script_options(model_dir, tmp_path, capsys, flags, fragment):
+    data = data_file(tmp_path, PAIRS)
+    expect_error([*argv_for(model_dir, data, tmp_path), *flags], capsys, fragment)
+
+
+def test_lora_target_modules_of_the_wrong_type(model_dir, tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text("use_peft: true\nlora_target_modules: 5\n")
+    data = data_file(tmp_path, PAIRS)
+    expect_error(
+        [*argv_for(model_dir, data, tmp_path), "--config", str(config)], capsys, "--lora_target_modules 5"
     )
 
 
@@ -289,6 +320,38 @@ def test_a_fresh_run_never_mixes_with_an_earlier_one_in_output_dir(model_dir, tm
     assert "deleting the earlier run" in stdout and "adapter_model.safetensors" in stdout
     assert (out / "model.safetensors").exists()
     assert not (out / "adapter_model.safetensors").exists() and not (out / "checkpoint-1").exists()
+
+
+def test_overwrite_deletes_nothing_before_the_data_and_model_have_loaded(model_dir, tmp_path, capsys):
+    data = data_file(tmp_path, PAIRS)
+    out = tmp_path / "out"
+    code, _, err = cli(argv_for(model_dir, data, tmp_path), capsys)
+    assert code == 0, err
+    before = sorted(p.name for p in out.iterdir())
+    missing = tmp_path / "missing.jsonl"
+    expect_error(argv_for(model_dir, missing, tmp_path, overwrite_output_dir="true"), capsys, str(missing))
+    assert sorted(p.name for p in out.iterdir()) == before  # the earlier run is intact
+    # The model's own folder as output_dir: refused, with or without --overwrite_output_dir.
+    argv = train_argv(model_dir, data, model_dir, max_steps=1, overwrite_output_dir="true")
+    expect_error(argv, capsys, "is the --model folder")
+    assert (model_dir / "model.safetensors").exists()
+
+
+def test_resume_from_checkpoint_is_read_as_resume(model_dir, tmp_path, capsys):
+    data = data_file(tmp_path, PAIRS)
+    code, _, err = cli(
+        argv_for(model_dir, data, tmp_path, max_steps=2, save_strategy="steps", save_steps=1), capsys
+    )
+    assert code == 0, err
+    checkpoint = tmp_path / "out" / "checkpoint-1"
+    argv = train_argv(
+        model_dir, data, tmp_path / "other", max_steps=3, resume_from_checkpoint=str(checkpoint)
+    )
+    code, stdout, err = cli(argv, capsys)
+    assert code == 0, err
+    assert f"resuming from {checkpoint}" in stdout
+    state = json.loads((tmp_path / "other" / "trainer_state.json").read_text())
+    assert [h["step"] for h in state["log_history"] if "loss" in h] == [1, 2, 3]  # 1 from the checkpoint
 
 
 def test_report_holds_the_final_eval_and_both_snapshots(model_dir, tmp_path, capsys):

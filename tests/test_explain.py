@@ -177,8 +177,15 @@ def test_run_explain_from_a_data_row(tmp_path):
     )
     assert ti.prompt == "The grass is"
     assert "".join(ti.tokens) == " green." + tok.eos_token
-    with pytest.raises(IndexError, match=r"--row 5 is out of range.*2 rows"):
+    with pytest.raises(ValueError, match=r"--row 5 is out of range.*2 rows"):
         run_explain(str(model_dir), None, None, str(tmp_path / "o"), data=str(data), row=5)
+    # An implicit-prompt file (a documented format): the prompt is the pair's shared beginning.
+    implicit = tmp_path / "implicit.jsonl"
+    implicit.write_text('{"chosen": "The sky is blue.", "rejected": "The sky is green."}\n')
+    ti = run_explain(
+        str(model_dir), None, None, str(tmp_path / "o"), data=str(implicit), row=0, print_terminal=False
+    )
+    assert ti.prompt == "The sky is" and "".join(ti.tokens).startswith(" blue.")
     with pytest.raises(ValueError, match="either --prompt/--response or --data/--row"):
         run_explain(str(model_dir), "p", "r", str(tmp_path / "o"), data=str(data), row=0)
     with pytest.raises(ValueError, match="both --prompt and --response"):

@@ -63,8 +63,9 @@ def test_bad_registrations():
 def test_unknown_name_lists_registered():
     with pytest.raises(KeyError) as info:
         get_judge("no_such_judge")
+    assert isinstance(info.value, ValueError)  # the CLI's one-line errors
     message = str(info.value)
-    assert "no_such_judge" in message
+    assert message.startswith("Unknown judge 'no_such_judge'")  # not KeyError's quoted repr
     for name in ("sentiment", "similarity", "instructions"):
         assert name in message
 
@@ -150,3 +151,8 @@ def test_task_judges_resolve_lazily():
     assert instructions("Coffee is warm and dark", row) == 0.5
     sentiment_task = get_judge("sentiment_task")
     assert sentiment_task("What a wonderful day!", None) > sentiment_task("What an awful day!", None)
+
+
+def test_a_function_taking_no_argument_is_refused_before_any_generation():
+    with pytest.raises(ValueError, match="'os:getcwd' takes no argument"):
+        get_judge("os:getcwd")

@@ -240,6 +240,26 @@ def _relaunch_with_accelerate(
     return subprocess.call(cmd)
 
 
+def _check_script_args(script: ScriptArguments) -> None:
+    """Script options whose mistakes would otherwise surface deep inside torch or peft."""
+    import torch
+
+    if script.dtype != "auto" and not isinstance(getattr(torch, script.dtype, None), torch.dtype):
+        raise CLIError(
+            f"--dtype {script.dtype!r}: not a torch dtype; use float32, bfloat16, float16 or auto."
+        )
+    modules = script.lora_target_modules
+    if not (
+        isinstance(modules, str) or (isinstance(modules, list) and all(isinstance(m, str) for m in modules))
+    ):
+        raise CLIError(
+            f"--lora_target_modules {modules!r}: give module names (e.g. q_proj v_proj) or 'all-linear'."
+        )
+    for option in ("num_processes", "report_pairs"):
+        if getattr(script, option) < 1:
+            raise CLIError(f"--{option} {getattr(script, option)}: must be >= 1.")
+
+
 def _peft_config(script: ScriptArguments):
     if not script.use_peft:
         return None
@@ -276,18 +296,39 @@ def _earlier_run(output_dir: str) -> list[Path]:
     return sorted(p for p in out.iterdir() if _RUN_FILE.fullmatch(p.name)) if out.is_dir() else []
 
 
-def _start_afresh_in(output_dir: str, overwrite: bool, why: str) -> None:
-    """Refuse to start a new run on top of an earlier one, or (``overwrite``) delete the earlier one."""
+def _names(found: list[Path]) -> str:
+    return ", ".join(p.name for p in found[:6]) + (f" and {len(found) - 6} more" if len(found) > 6 else "")
+
+
+def _check_output_dir(script: ScriptArguments, output_dir: str, why: str | None) -> None:
+    """Before any work: the run must not write into its input model's folder, nor (``why``: it starts
+    afresh) on top of an earlier run unless ``--overwrite_output_dir`` (which :func:`_delete_earlier_run`
+    then honours, once the data and the model have loaded)."""
+    out = Path(output_dir).resolve()
+    for option, model in (("model", script.model), ("ref_model", script.ref_model)):
+        if model and Path(model).is_dir() and Path(model).resolve() == out:
+            raise CLIError(
+                f"--output_dir {output_dir} is the --{option} folder: the run would write over (or with "
+                "--overwrite_output_dir delete) the model it loads. Choose another --output_dir."
+            )
+    found = _earlier_run(output_dir) if why else []
+    if found and not script.overwrite_output_dir:
+        raise CLIError(
+            f"--output_dir {output_dir} holds an earlier run ({_names(found)}) and {why}. Pass --resume to "
+            "continue it, choose another --output_dir, or pass --overwrite_output_dir true to delete those "
+            "files first."
+        )
+
+
+def _delete_earlier_run(output_dir: str) -> None:
+    """``--overwrite_output_dir``: delete what an earlier run left in ``output_dir`` (checked before)."""
     found = _earlier_run(output_dir)
     if not found:
         return
-    names = ", ".join(p.name for p in found[:6]) + (f" and {len(found) - 6} more" if len(found) > 6 else "")
-    if not overwrite:
-        raise CLIError(
-            f"--output_dir {output_dir} holds an earlier run ({names}) and {why}. Pass --resume to continue "
-            "it, choose another --output_dir, or pass --overwrite_output_dir true to delete those files first."
-        )
-    print(f"tidpo: --overwrite_output_dir: deleting the earlier run in {output_dir}: {names}", flush=True)
+    print(
+        f"tidpo: --overwrite_output_dir: deleting the earlier run in {output_dir}: {_names(found)}",
+        flush=True,
+    )
     for path in found:  # every rank may get here: tolerate files another rank already removed
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
@@ -312,6 +353,11 @@ def _check_model_path(name_or_path: str, option: str) -> None:
 
 def train(argv: list[str]) -> int:
     script, config, resume = parse_train_args(argv)
+    _check_script_args(script)
+    if config.resume_from_checkpoint:  # TrainingArguments' own spelling of --resume PATH
+        if resume:
+            raise CLIError("give --resume or --resume_from_checkpoint, not both")
+        resume = config.resume_from_checkpoint
     in_launcher = "LOCAL_RANK" in os.environ or "ACCELERATE_MIXED_PRECISION" in os.environ
     if script.num_processes > 1 and not in_launcher:
         return _relaunch_with_accelerate(script.num_processes, argv, script.accelerate_config)
@@ -326,9 +372,10 @@ def train(argv: list[str]) -> int:
     if resume not in (None, "latest") and not Path(resume).is_dir():
         raise FileNotFoundError(f"--resume {resume}: no such checkpoint folder.")
     checkpoint = _latest_checkpoint(config.output_dir) if resume == "latest" else resume
+    afresh = None
     if checkpoint is None:
-        why = "--resume found no complete checkpoint in it" if resume else "this run starts afresh"
-        _start_afresh_in(config.output_dir, script.overwrite_output_dir, why)
+        afresh = "--resume found no complete checkpoint in it" if resume else "this run starts afresh"
+    _check_output_dir(script, config.output_dir, afresh)
 
     model_kwargs = dict(config.model_init_kwargs or {})
     model_kwargs.setdefault("dtype", script.dtype)
@@ -354,6 +401,8 @@ def train(argv: list[str]) -> int:
     eval_data = prepared(script.eval_data, script.eval_split) if script.eval_data else None
     model = load_causal_lm(script.model, **model_kwargs)
     ref_model = load_causal_lm(script.ref_model, **model_kwargs) if script.ref_model else None
+    if afresh:  # only now that the data and the model have loaded
+        _delete_earlier_run(config.output_dir)
     if eval_data is not None and config.eval_strategy == "no":
         config.eval_strategy = "steps"
         config.eval_steps = config.eval_steps or config.logging_steps

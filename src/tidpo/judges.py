@@ -80,23 +80,39 @@ def _import_path(path: str) -> Callable[..., float]:
     return fn
 
 
-def _takes_row(fn: Callable[..., Any]) -> bool:
-    """True when ``fn`` can be called as ``fn(text, row)``."""
+def _max_positional(fn: Callable[..., Any]) -> int | None:
+    """How many positional arguments ``fn`` takes (a large number for ``*args``; None if unknown)."""
     try:
         sig = inspect.signature(fn)
     except (TypeError, ValueError):
-        # Some builtins have no signature; assume the documented two-argument form.
-        return True
+        return None  # some builtins have no signature
     positional = 0
     for param in sig.parameters.values():
         if param.kind is param.VAR_POSITIONAL:
-            return True
+            return 1 << 16
         if param.kind in (param.POSITIONAL_ONLY, param.POSITIONAL_OR_KEYWORD):
             positional += 1
-    return positional >= 2
+    return positional
+
+
+def _takes_row(fn: Callable[..., Any]) -> bool:
+    """True when ``fn`` can be called as ``fn(text, row)`` (assumed where the signature is unknown)."""
+    positional = _max_positional(fn)
+    return positional is None or positional >= 2
+
+
+class UnknownJudgeError(KeyError, ValueError):
+    """No judge of that name (a ``KeyError`` for lookups, a ``ValueError`` for the CLI's one-line errors)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])  # KeyError would quote the message
 
 
 def _as_two_arg(fn: Callable[..., float], name: str) -> Judge:
+    if _max_positional(fn) == 0:
+        raise ValueError(
+            f"Judge {name!r} takes no argument; a judge is called as judge(text) or judge(text, row)"
+        )
     takes_row = _takes_row(fn)
 
     def judge(text: str, row: Mapping[str, Any] | None = None) -> float:
@@ -115,7 +131,7 @@ def get_judge(name: str | Callable[..., float]) -> Judge:
     """Resolve a judge by registered name, ``"module:function"`` path, or callable.
 
     Returns ``judge(text, row=None) -> float``; a one-argument callable is wrapped so that the row
-    is ignored. Unknown names raise ``KeyError`` listing the registered ones.
+    is ignored. Unknown names raise ``UnknownJudgeError`` (a ``KeyError``) listing the registered ones.
     """
     if callable(name):
         return _as_two_arg(name, getattr(name, "__name__", "callable"))
@@ -129,7 +145,7 @@ def get_judge(name: str | Callable[..., float]) -> Judge:
         if not _IMPORT_PATH.match(name):
             raise ValueError(f"Judge {name!r} is not a valid 'module:function' path")
         return _as_two_arg(_import_path(name), name)
-    raise KeyError(
+    raise UnknownJudgeError(
         f"Unknown judge {name!r}. Registered judges: {', '.join(list_judges())}; "
         "or pass a 'package.module:function' path."
     )

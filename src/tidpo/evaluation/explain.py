@@ -543,12 +543,19 @@ def _load_row(data: str, row: int) -> tuple[Any, Any]:
 
     dataset = load_preference_dataset(data)
     if not 0 <= row < len(dataset):
-        raise IndexError(
+        raise ValueError(
             f"--row {row} is out of range: {data} has {len(dataset)} rows (0..{len(dataset) - 1})"
         )
     record = dataset[row]
-    if "prompt" not in record or "chosen" not in record:
-        raise KeyError(f"{data} row {row} has no 'prompt'/'chosen' (keys: {sorted(record)})")
+    if "chosen" not in record:
+        raise ValueError(f"{data} row {row} has no 'chosen' (keys: {sorted(record)})")
+    if "prompt" not in record:
+        if "rejected" not in record:
+            raise ValueError(f"{data} row {row} has neither 'prompt' nor 'rejected' to take the prompt from")
+        from tidpo.data import split_implicit_prompt
+
+        prompt, chosen, _ = split_implicit_prompt(record["chosen"], record["rejected"])  # implicit prompt
+        return prompt, chosen
     return record["prompt"], record["chosen"]
 
 
