@@ -209,3 +209,29 @@ def test_split_implicit_prompt_reassembles(prefix, a, b):
     assert prompt + c == chosen and prompt + r == rejected
     assert c and r  # every completion keeps at least one character
     assert len(prompt) >= min(len(prefix), len(chosen) - 1, len(rejected) - 1) - 1
+
+
+@pytest.mark.parametrize("conversational", [False, True])
+def test_responses_that_repeat_the_prompt_are_warned_about(conversational):
+    if conversational:
+        user = {"role": "user", "content": "Hi"}
+        row = {
+            "prompt": [user],
+            "chosen": [user, {"role": "assistant", "content": "Hello!"}],
+            "rejected": [user, {"role": "assistant", "content": "Go away."}],
+        }
+        ok = {**row, "chosen": row["chosen"][1:], "rejected": row["rejected"][1:]}
+    else:
+        row = {
+            "prompt": "Q: sky colour?",
+            "chosen": "Q: sky colour? Blue.",
+            "rejected": "Q: sky colour? Green.",
+        }
+        ok = {"prompt": "The sky is", "chosen": " blue.", "rejected": " green."}
+    with pytest.warns(
+        UserWarning, match=r"in 1 row\(s\) \(0-based rows 1\).*both begin with the row's 'prompt'"
+    ):
+        validate_preference_rows(Dataset.from_list([ok, row]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        validate_preference_rows(Dataset.from_list([ok]))  # nothing to say

@@ -224,6 +224,16 @@ def iter_rows(dataset: Dataset, columns: Sequence[str], batch_size: int = 1024) 
 class _RowReport:
     fmt: PreferenceFormat
     identical: list[int]
+    repeated_prompt: list[int]  # explicit prompt that both responses begin with again
+
+
+def _begins_with_prompt(prompt: Any, chosen: Any, rejected: Any) -> bool:
+    """Whether both responses start with the (non-blank) prompt: whole conversations given next to a
+    'prompt' column, so the prompt would be trained on as part of each response."""
+    if isinstance(prompt, str):
+        return bool(prompt.strip()) and chosen.startswith(prompt) and rejected.startswith(prompt)
+    n = len(prompt)
+    return n > 0 and list(chosen[:n]) == list(prompt) and list(rejected[:n]) == list(prompt)
 
 
 def validate_rows(rows: Iterable[Mapping[str, Any]], columns: Sequence[str], source: str) -> _RowReport:
@@ -239,6 +249,7 @@ def validate_rows(rows: Iterable[Mapping[str, Any]], columns: Sequence[str], sou
             )
     first_kind: FormatKind | None = None
     identical: list[int] = []
+    repeated_prompt: list[int] = []
     n_rows = 0
     for i, row in enumerate(rows):
         n_rows += 1
@@ -260,6 +271,8 @@ def validate_rows(rows: Iterable[Mapping[str, Any]], columns: Sequence[str], sou
                 "throughout (all strings, or all message lists)."
             )
         chosen, rejected = row["chosen"], row["rejected"]
+        if explicit and chosen != rejected and _begins_with_prompt(row["prompt"], chosen, rejected):
+            repeated_prompt.append(i)
         if chosen == rejected:
             identical.append(i)
         elif kind == CONVERSATIONAL:
@@ -281,7 +294,7 @@ def validate_rows(rows: Iterable[Mapping[str, Any]], columns: Sequence[str], sou
     if n_rows == 0:
         raise PreferenceDataError(f"{source}: the dataset has no rows.")
     assert first_kind is not None
-    return _RowReport(PreferenceFormat(first_kind, explicit), identical)
+    return _RowReport(PreferenceFormat(first_kind, explicit), identical, repeated_prompt)
 
 
 def validate_preference_rows(
@@ -308,6 +321,15 @@ def validate_preference_rows(
     check_columns(columns, source)
     wanted = [c for c in (*TEXT_FIELDS, *WEIGHT_COLUMNS, *REF_LOGP_COLUMNS) if c in columns]
     report = validate_rows(iter_rows(dataset, wanted), columns, source)
+    if report.repeated_prompt:
+        warnings.warn(
+            f"{source}: in {len(report.repeated_prompt)} row(s) (0-based rows {format_rows(report.repeated_prompt)}) "
+            "'chosen' and 'rejected' both begin with the row's 'prompt': the prompt comes twice and its second "
+            "copy is trained on as part of each response. If they hold whole conversations, remove the "
+            "'prompt' column (the prompt is then their shared beginning); otherwise strip it from them.",
+            UserWarning,
+            stacklevel=2,
+        )
     if report.identical:
         n = len(report.identical)
         rows = format_rows(report.identical)
