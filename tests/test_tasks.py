@@ -263,6 +263,8 @@ def test_build_skips_ties(tiny, tmp_path):
     out = tmp_path / "ties.jsonl"
     stats = _build(tiny, constant, _prompts_file(tmp_path, 4), out)
     assert stats["ties_skipped"] == stats["ties_total"] == 4 and stats["pairs"] == 0
+    assert stats["mean_chosen_score"] is None  # JSON null, not NaN (invalid JSON)
+    json.loads(json.dumps(stats, allow_nan=False))
     assert out.exists() and read_pairs(out) == []
     ties = [json.loads(line) for line in ties_path(out).read_text().splitlines()]
     assert [t["scores"] for t in ties] == [[0.5, 0.5, 0.5]] * 4
@@ -337,6 +339,18 @@ def test_build_validates_arguments(tiny, tmp_path):
     _build(tiny, _length_task(tmp_path), prompts, tmp_path / "len.jsonl")
     with pytest.raises(ValueError, match=r"len\.jsonl, row 1: field 'task' is 'length'"):
         _build(tiny, "sentiment", prompts, tmp_path / "len.jsonl")
+    # Someone else's pairs file, its last line without a newline: refused, and not one byte cut from it.
+    theirs = tmp_path / "mydata.jsonl"
+    theirs.write_text(
+        '{"prompt": "a", "chosen": " b", "rejected": " c"}\n{"prompt": "a", "chosen": " b", "rejected": " d"}'
+    )
+    before = theirs.read_bytes()
+    with (
+        pytest.raises(ValueError, match="field 'task' is None"),
+        pytest.warns(UserWarning, match="half-written"),
+    ):
+        _build(tiny, "sentiment", prompts, theirs)
+    assert theirs.read_bytes() == before
 
 
 @pytest.mark.slow

@@ -589,6 +589,12 @@ def _data(argv: list[str]) -> int:
         batch_size=a.batch_size,
     )
     print(json.dumps(stats, indent=2, default=str))
+    if stats["pairs"] == 0:
+        print(
+            f"tidpo: warning: {a.out} holds no pairs: every prompt's samples scored the same (ties are "
+            f"skipped; see {a.out}.ties). Raise --samples or use prompts the judge can tell apart.",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -203,13 +203,17 @@ def build_pairs(
 
     done_keys: set[str] = set()
     if out_path.exists():
-        for i, existing in enumerate(read_pairs(out_path, repair=True), start=1):
+        # Read-only until the file is known to be this build's: never cut a line off someone else's file.
+        for i, existing in enumerate(read_pairs(out_path), start=1):
             if existing.get("task") != task_obj.name:
                 raise ValueError(
                     f"{out_path}, row {i}: field 'task' is {existing.get('task')!r}, but this build is for "
                     f"task {task_obj.name!r}; write to a different --out file"
                 )
             done_keys.add(prompt_key(existing["prompt"]))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the read above already warned about a half-written line
+            read_pairs(out_path, repair=True)
     tie_file = ties_path(out_path)
     if tie_file.exists():
         done_keys.update(prompt_key(t["prompt"]) for t in _read_jsonl(tie_file, ("prompt",), repair=True))
@@ -322,8 +326,9 @@ def build_pairs(
             "ties_total": sum(1 for _ in _read_jsonl(tie_file, ("prompt",), repair=False))
             if tie_file.exists()
             else 0,
-            "mean_chosen_score": sum(p["chosen_score"] for p in pairs) / n if n else float("nan"),
-            "mean_rejected_score": sum(p["rejected_score"] for p in pairs) / n if n else float("nan"),
+            # None (JSON null) for an empty file: NaN is not valid JSON.
+            "mean_chosen_score": sum(p["chosen_score"] for p in pairs) / n if n else None,
+            "mean_rejected_score": sum(p["rejected_score"] for p in pairs) / n if n else None,
             "seconds": round(time.perf_counter() - start, 2),
         }
     )
