@@ -179,6 +179,13 @@ def test_tokenizer_without_pad_and_eos_is_a_clear_error(tmp_path, capsys):
 def test_missing_model_folder(tmp_path, capsys):
     data = data_file(tmp_path, PAIRS)
     expect_error(argv_for(tmp_path / "no-model", data, tmp_path), capsys, "no such model folder", "no-model")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    expect_error(argv_for(empty, data, tmp_path), capsys, f"--model {empty}: the folder holds no config.json")
+    # Not a folder, not built in: a Hub id, which this offline machine cannot fetch; the option is named.
+    expect_error(
+        argv_for("no-such-model-anywhere", data, tmp_path), capsys, "--model no-such-model-anywhere: "
+    )
 
 
 # ------------------------------------------------------------------------------------------ options

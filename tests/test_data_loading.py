@@ -259,3 +259,15 @@ def test_unreachable_hub_says_so(monkeypatch):
     assert "someone/some-preference-data" in message
     assert "Hub" in message and "local" in message
     assert info.value.__cause__ is not None
+
+
+def test_a_csv_separated_by_semicolons_says_so(tmp_path):
+    path = tmp_path / "semi.csv"
+    path.write_text("prompt;chosen;rejected\nThe sky is; blue.; green.\n")
+    with pytest.raises(PreferenceDataError, match=r"looks separated by ';', tabs or '\|'"):
+        load_preference_dataset(path)
+
+
+def test_an_empty_source_string_says_so():
+    with pytest.raises(PreferenceDataError, match="empty string"):
+        load_preference_dataset("")

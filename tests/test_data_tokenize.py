@@ -218,3 +218,17 @@ def test_rows_with_a_prompt_of_no_tokens_are_an_error_naming_them(tok):
     ):
         prepare_preference_dataset(Dataset.from_list(rows), tok)
     assert len(prepare_preference_dataset(Dataset.from_list(rows[:1]), tok)) == 1
+
+
+def test_pairs_that_differ_only_past_max_length_are_warned_about(tok):
+    rows = [
+        {
+            "prompt": "Say it:",
+            "chosen": " a a a a a a a a a a a a yes",
+            "rejected": " a a a a a a a a a a a a no",
+        },
+        {"prompt": "The sky is", "chosen": " blue.", "rejected": " green."},
+    ]
+    with pytest.warns(UserWarning, match=r"in 1 row\(s\) \(0-based rows 0\).*differ only past max_length=12"):
+        data = prepare_preference_dataset(Dataset.from_list(rows), tok, max_length=12, max_prompt_length=4)
+    assert data[0]["chosen_input_ids"] == data[0]["rejected_input_ids"]

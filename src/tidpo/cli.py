@@ -10,6 +10,7 @@ printed as one line, ``tidpo: error: <message>``, with exit code 2; ``TIDPO_DEBU
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import json
 import os
@@ -18,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -58,24 +60,61 @@ class ScriptArguments:
             up, would silently mix the two runs.
     """
 
-    model: str = "smollm2-135m"
-    ref_model: str | None = None
-    train_data: str = "quickstart"
-    train_split: str = "train"
-    eval_data: str | None = None
-    eval_split: str = "train"
-    dtype: str = "float32"
-    use_peft: bool = False
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.0
-    lora_target_modules: list[str] | str = field(default_factory=lambda: "all-linear")
-    load_in_4bit: bool = False
-    report: bool = True
-    report_pairs: int = 3
-    num_processes: int = 1
-    accelerate_config: str | None = None
-    overwrite_output_dir: bool = False
+    model: str = field(
+        default="smollm2-135m",
+        metadata={"help": "Policy to train: built-in name (smollm2-135m), local folder or Hub id."},
+    )
+    ref_model: str | None = field(
+        default=None,
+        metadata={
+            "help": "Reference model (default: a frozen copy of --model; adapters disabled under LoRA)."
+        },
+    )
+    train_data: str = field(
+        default="quickstart",
+        metadata={
+            "help": "Preference data: built-in name (quickstart), JSONL/JSON/CSV/Parquet file or Hub id."
+        },
+    )
+    train_split: str = field(
+        default="train", metadata={"help": "Split of a Hub dataset or DatasetDict to train on."}
+    )
+    eval_data: str | None = field(
+        default=None, metadata={"help": "Held-out preference data (same forms), evaluated every eval_steps."}
+    )
+    eval_split: str = field(default="train", metadata={"help": "Split of --eval_data."})
+    dtype: str = field(
+        default="float32",
+        metadata={"help": "dtype the model is loaded in: float32, bfloat16, float16 or auto."},
+    )
+    use_peft: bool = field(default=False, metadata={"help": "Train LoRA adapters instead of all weights."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
+    lora_target_modules: list[str] | str = field(
+        default_factory=lambda: "all-linear",
+        metadata={"help": "LoRA target modules (names, or 'all-linear')."},
+    )
+    load_in_4bit: bool = field(
+        default=False, metadata={"help": "QLoRA: load the base model in 4-bit (bitsandbytes, GPU only)."}
+    )
+    report: bool = field(default=True, metadata={"help": "Write report.html in the run folder at the end."})
+    report_pairs: int = field(
+        default=3, metadata={"help": "Training pairs pictured in the report (token importance)."}
+    )
+    num_processes: int = field(
+        default=1, metadata={"help": ">1: relaunch under accelerate launch with that many processes."}
+    )
+    accelerate_config: str | None = field(
+        default=None,
+        metadata={"help": "accelerate config file for that relaunch (e.g. configs/accelerate/zero3.yaml)."},
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Delete an earlier run's checkpoints and model in output_dir before starting afresh."
+        },
+    )
 
 
 class CLIError(Exception):
@@ -336,12 +375,32 @@ def _delete_earlier_run(output_dir: str) -> None:
             path.unlink(missing_ok=True)
 
 
+@contextlib.contextmanager
+def _naming(option: str, name: str) -> Iterator[None]:
+    """Prefix a loading error (from_pretrained's "not a folder nor a Hub id", offline Hub...) with the
+    option that named the model."""
+    try:
+        yield
+    except OSError as err:
+        raise OSError(f"--{option} {name}: {err}") from err
+
+
 def _check_model_path(name_or_path: str, option: str) -> None:
     """A model given as a path must exist: fail here with the path, not deep inside from_pretrained."""
     from tidpo.models import EMBEDDED_MODELS
 
-    if name_or_path.lower() in EMBEDDED_MODELS or Path(name_or_path).exists():
+    if name_or_path.lower() in EMBEDDED_MODELS:
         return
+    path = Path(name_or_path)
+    if path.is_dir():
+        if not ((path / "config.json").exists() or (path / "adapter_config.json").exists()):
+            raise FileNotFoundError(
+                f"--{option} {name_or_path}: the folder holds no config.json (nor adapter_config.json), so it "
+                "is not a model written by save_pretrained. Give the folder the model was saved to."
+            )
+        return
+    if path.exists():
+        raise FileNotFoundError(f"--{option} {name_or_path}: a file, not a model folder.")
     looks_like_path = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
     if looks_like_path or (os.sep in name_or_path and Path(name_or_path).parent.exists()):
         raise FileNotFoundError(
@@ -388,7 +447,8 @@ def train(argv: list[str]) -> int:
 
             # 4-bit weights are quantised on load, onto this process's GPU (one whole copy per rank).
             model_kwargs["device_map"] = {"": PartialState().local_process_index}
-    tokenizer = load_tokenizer(script.model)
+    with _naming("model", script.model):
+        tokenizer = load_tokenizer(script.model)
 
     def prepared(name: str, split: str):
         # A local file goes by path, so data errors name the file rather than "<dataset>".
@@ -399,8 +459,12 @@ def train(argv: list[str]) -> int:
     # Data before weights: a bad row fails in seconds, not after the model has loaded.
     train_data = prepared(script.train_data, script.train_split)
     eval_data = prepared(script.eval_data, script.eval_split) if script.eval_data else None
-    model = load_causal_lm(script.model, **model_kwargs)
-    ref_model = load_causal_lm(script.ref_model, **model_kwargs) if script.ref_model else None
+    with _naming("model", script.model):
+        model = load_causal_lm(script.model, **model_kwargs)
+    ref_model = None
+    if script.ref_model:
+        with _naming("ref_model", script.ref_model):
+            ref_model = load_causal_lm(script.ref_model, **model_kwargs)
     if afresh:  # only now that the data and the model have loaded
         _delete_earlier_run(config.output_dir)
     if eval_data is not None and config.eval_strategy == "no":
@@ -514,6 +578,8 @@ def _eval(argv: list[str]) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     a = parser.parse_args(argv)
+    _check_model_path(a.model, "model")
+    _check_model_path(a.reference, "reference")
     from tidpo.evaluation.evaluate import run_eval
 
     run_eval(
@@ -623,6 +689,8 @@ def main(argv: list[str] | None = None) -> int:
         print("  eval     evaluate a trained policy against its reference")
         print("  explain  show the token-importance weights of a response")
         print("  data     build preference data from a model and a judge (data build ...)")
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"\ntidpo: error: unknown command {argv[0]!r}", file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     try:
         return COMMANDS[argv[0]](argv[1:])

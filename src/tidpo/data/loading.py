@@ -51,6 +51,8 @@ def load_preference_dataset(source: DatasetSource, split: str | None = None) -> 
         raise PreferenceDataError(
             "<dataset>: streaming (Iterable) datasets are not supported; load it without streaming=True."
         )
+    if isinstance(source, str) and not source.strip():
+        raise PreferenceDataError("the data source is an empty string; give a file path or a Hub id.")
     if isinstance(source, Path) or isinstance(source, str):
         path = Path(source).expanduser()
         if path.is_dir():
@@ -83,8 +85,8 @@ def _pick_split(dataset_dict: Mapping[str, Dataset], split: str | None, source: 
     name = split or "train"
     if name not in dataset_dict:
         raise PreferenceDataError(
-            f"{source}: no split {name!r}; available splits: {sorted(dataset_dict)}. Pass split=... "
-            "(CLI: --split)."
+            f"{source}: no split {name!r}; available splits: {sorted(dataset_dict)}. Pass split=... to "
+            "load_preference_dataset (CLI: --train_split / --eval_split)."
         )
     return dataset_dict[name]
 
@@ -202,7 +204,13 @@ def _parse_csv(text: str, path: Path) -> list[dict[str, Any]]:
         raise PreferenceDataError(f"{path}: malformed CSV at line {reader.line_num}: {err}") from err
     if reader.fieldnames is None:
         raise PreferenceDataError(f"{path}: the CSV file is empty; it needs a header line and rows.")
-    check_columns(list(reader.fieldnames), str(path))
+    header = list(reader.fieldnames)
+    if len(header) == 1 and any(sep in header[0] for sep in (";", "\t", "|")):
+        raise PreferenceDataError(
+            f"{path}: the header is one column {header[0]!r}: the file looks separated by ';', tabs or '|', "
+            "not commas. Save it as comma-separated CSV (or as .jsonl)."
+        )
+    check_columns(header, str(path))
     return rows
 
 

@@ -192,6 +192,7 @@ def _tokenize_validated(
     overlong: list[int] = []
     prompt_mismatch: list[int] = []
     empty_prompt: list[int] = []
+    same_after_cut: list[int] = []  # responses that differ only past max_length
 
     rows_iter = iter_rows(dataset, wanted)
     index = 0
@@ -240,6 +241,8 @@ def _tokenize_validated(
             if room is not None and room <= 0:
                 overlong.append(i)
                 continue
+            if room is not None and chosen != rejected and chosen[:room] == rejected[:room]:
+                same_after_cut.append(i)
             keep.append(i)
             prompts.append(prompt)
             chosens.append(chosen[:room])
@@ -257,6 +260,14 @@ def _tokenize_validated(
             "beginning, or a prompt whose tokens merge into the response's first token. Give those rows a "
             "'prompt' column (or remove them), and end prompts on a token boundary (e.g. a trailing space "
             "or newline)."
+        )
+    if same_after_cut:
+        warnings.warn(
+            f"{source}: in {len(same_after_cut)} row(s) (0-based rows {format_rows(same_after_cut)}) 'chosen' and "
+            f"'rejected' differ only past max_length={max_length}: truncated, they are the same tokens and carry "
+            "no preference signal. Raise max_length (or lower max_prompt_length) to keep the difference.",
+            UserWarning,
+            stacklevel=3,
         )
     if prompt_mismatch:
         warnings.warn(
