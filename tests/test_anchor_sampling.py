@@ -8,7 +8,7 @@ import torch
 
 from tidpo import TIDPOConfig, TIDPOTrainer
 from tidpo.generation import sample_completion_ids
-from tiny_setup import make_config, train_loss_and_grads
+from tiny_setup import last_metrics, make_config, train_loss_and_grads
 
 
 def _trainer(tiny_llama, tiny_tok, pairs_dataset, tmp_path, **overrides) -> TIDPOTrainer:
@@ -85,12 +85,12 @@ def test_the_horizon_changes_no_loss_or_gradient(tiny_llama, tiny_tok, pairs_dat
     _perturb(trainer.model)
     calls = _record_sampling(trainer)
     loss, grads = train_loss_and_grads(trainer)
-    cut = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+    cut = last_metrics(trainer)
 
     full = trainer._anchor_horizon
     trainer._anchor_horizon = lambda inputs: torch.full_like(full(inputs), 40)
     loss_full, grads_full = train_loss_and_grads(trainer)
-    whole = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+    whole = last_metrics(trainer)
 
     # The tiny pairs' responses are a few tokens: the horizon decoded far fewer than 40.
     assert calls[0]["length"] < 20 and calls[1]["length"] == 40

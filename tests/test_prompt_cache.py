@@ -24,7 +24,7 @@ from tidpo.prompt_cache import (
     rows_start_with_prompts,
     split_shared_prompt,
 )
-from tiny_setup import COMMON, CONFIGS, VOCAB, build, make_config, train_loss_and_grads
+from tiny_setup import COMMON, CONFIGS, VOCAB, build, last_metrics, make_config, train_loss_and_grads
 
 
 def test_every_checked_architecture_has_a_test():
@@ -271,7 +271,7 @@ def _step(trainer):
         for p in trainer.model.parameters():
             p.add_(0.05 * torch.randn_like(p, generator=torch.Generator().manual_seed(2)))
     loss, grads = train_loss_and_grads(trainer)
-    metrics = {k: v[-1] for k, v in trainer._metrics["train"].items() if k.startswith(("triplet", "anchor"))}
+    metrics = {k: v for k, v in last_metrics(trainer).items() if k.startswith(("triplet", "anchor"))}
     return loss, grads, metrics, layouts
 
 
@@ -364,7 +364,7 @@ def _shared_step(trainer, weights: bool = False):
         for p in trainer.model.parameters():
             p.add_(0.05 * torch.randn_like(p, generator=torch.Generator().manual_seed(4)))
     loss, grads = train_loss_and_grads(trainer)
-    metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+    metrics = last_metrics(trainer)
     trainer.model.eval()
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
     with torch.no_grad():

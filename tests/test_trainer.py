@@ -12,7 +12,8 @@ from transformers import StaticCache, TrainerCallback
 
 from tidpo import TIDPOConfig, TIDPOTrainer
 from tidpo.models import tiny_causal_lm
-from tiny_setup import make_config, train_loss_and_grads
+from tidpo.training.trainer import window_metrics
+from tiny_setup import last_metrics, make_config, train_loss_and_grads
 
 TRAIN_KEYS = (
     "loss",
@@ -168,10 +169,10 @@ def test_fused_and_separate_attribution_agree(
                 gradient_checkpointing_kwargs={"use_reentrant": False}
             )
         loss, grads = train_loss_and_grads(trainer)
-        results[attribution_pass] = (loss, grads, trainer._metrics["train"]["weights/std"][-1])
+        results[attribution_pass] = (loss, grads, last_metrics(trainer)["weights/std"])
         if full:  # the triplet term is live (not a zero hinge), so the anchors' path is compared too
-            assert trainer._metrics["train"]["triplet/loss"][-1] > 0
-            assert trainer._metrics["train"]["kl/rejected"][-1] > 0
+            assert last_metrics(trainer)["triplet/loss"] > 0
+            assert last_metrics(trainer)["kl/rejected"] > 0
     (l_f, g_f, s_f), (l_s, g_s, s_s) = results["fused"], results["separate"]
     assert l_f == pytest.approx(l_s, rel=1e-5)
     assert s_f == pytest.approx(s_s, rel=1e-4)
@@ -314,8 +315,6 @@ def test_eval_metrics_take_the_eval_set_name(tmp_path, tiny_tok, tiny_llama, pai
 
 
 def test_window_metrics_pool_batches_by_hand():
-    from tidpo.training.trainer import window_metrics
-
     # Two batches: 3 of 4 pairs right, then 1 of 2; token weights [1, 2, 3] then [5].
     stats = {
         "rewards/accuracies": [(3.0, 4.0), (1.0, 2.0)],
@@ -467,7 +466,10 @@ def test_static_cache_anchors_give_the_same_step(
         trainer.compute_loss(trainer.model, batch)
         assert trainer._anchor_caches == caches  # the same objects, kept across steps
         assert bool(caches) == static
-        results[static] = (loss, trainer._metrics["train"]["triplet/dist_pos"][0])
+        results[static] = (
+            loss,
+            window_metrics({"d": trainer._metrics["train"]["triplet/dist_pos"][:1]})["d"],
+        )
     assert results[True] == pytest.approx(results[False], rel=1e-6)
 
 
@@ -490,3 +492,12 @@ def test_static_cache_failure_says_how_to_turn_it_off(tmp_path, tiny_tok, tiny_l
     with pytest.raises(RuntimeError, match="unsupported") as info:
         trainer.compute_loss(trainer.model, batch)
     assert any("anchor_static_cache=False" in note for note in getattr(info.value, "__notes__", []))
+
+
+def test_prepare_dataset_picks_the_split(tmp_path, tiny_tok, pairs_dataset):
+    from datasets import DatasetDict
+
+    args = make_config(tmp_path)
+    both = DatasetDict({"train": pairs_dataset, "test": pairs_dataset.select(range(2))})
+    assert len(TIDPOTrainer.prepare_dataset(both, tiny_tok, args)) == len(pairs_dataset)
+    assert len(TIDPOTrainer.prepare_dataset(both, tiny_tok, args, split="test")) == 2

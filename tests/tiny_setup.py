@@ -80,3 +80,10 @@ CONFIGS = {
 def build(config):
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(config).eval()  # eval: no dropout, gradients still flow
+
+
+def last_metrics(trainer) -> dict[str, float]:
+    """The metrics of the trainer's last training batch, as `log` would report them for it alone."""
+    from tidpo.training.trainer import window_metrics
+
+    return window_metrics({k: v[-1:] for k, v in trainer._metrics["train"].items()})

@@ -421,7 +421,6 @@ def train(argv: list[str]) -> int:
     if script.num_processes > 1 and not in_launcher:
         return _relaunch_with_accelerate(script.num_processes, argv, script.accelerate_config)
 
-    from tidpo.data import load_preference_dataset
     from tidpo.models import load_causal_lm, load_tokenizer
     from tidpo.training.trainer import TIDPOTrainer
 
@@ -451,10 +450,8 @@ def train(argv: list[str]) -> int:
         tokenizer = load_tokenizer(script.model)
 
     def prepared(name: str, split: str):
-        # A local file goes by path, so data errors name the file rather than "<dataset>".
-        source = resolve_data(name)
-        data = source if Path(source).is_file() else load_preference_dataset(source, split=split)
-        return TIDPOTrainer.prepare_dataset(data, tokenizer, config)
+        # By name (file path or Hub id), so data errors name it rather than "<dataset>".
+        return TIDPOTrainer.prepare_dataset(resolve_data(name), tokenizer, config, split=split)
 
     # Data before weights: a bad row fails in seconds, not after the model has loaded.
     train_data = prepared(script.train_data, script.train_split)

@@ -331,14 +331,20 @@ class TIDPOTrainer(Trainer):
 
     @staticmethod
     def prepare_dataset(
-        dataset: Dataset | str, tokenizer: PreTrainedTokenizerBase, args: TIDPOConfig
+        dataset: Dataset | str,
+        tokenizer: PreTrainedTokenizerBase,
+        args: TIDPOConfig,
+        split: str | None = None,
     ) -> Dataset:
-        """Validate and tokenise preference data as the trainer does (already tokenised data passes)."""
+        """Validate and tokenise preference data as the trainer does (already tokenised data passes).
+
+        ``split``: which split of a Hub dataset or ``DatasetDict`` (default ``train``)."""
         if isinstance(dataset, Dataset) and "chosen_input_ids" in dataset.column_names:
             return dataset
         return prepare_preference_dataset(
             dataset,
             tokenizer,
+            split=split,
             max_length=args.max_length,
             max_prompt_length=args.max_prompt_length,
             drop_identical=args.drop_identical,
