@@ -232,3 +232,19 @@ def test_pairs_that_differ_only_past_max_length_are_warned_about(tok):
     with pytest.warns(UserWarning, match=r"in 1 row\(s\) \(0-based rows 0\).*differ only past max_length=12"):
         data = prepare_preference_dataset(Dataset.from_list(rows), tok, max_length=12, max_prompt_length=4)
     assert data[0]["chosen_input_ids"] == data[0]["rejected_input_ids"]
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "fragment"),
+    [
+        ("tools", "[not json", "column 'tools': '[not json' is not valid JSON"),
+        ("tools", '{"name": "f"}', "column 'tools': expected a list of tool schemas, got dict"),
+        ("chat_template_kwargs", "think", "column 'chat_template_kwargs': expected a mapping"),
+    ],
+)
+def test_bad_template_columns_name_the_column_and_rows(tok, column, value, fragment):
+    user, bot = {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}
+    row = {"prompt": [user], "chosen": [bot], "rejected": [{**bot, "content": "Go"}], column: value}
+    with pytest.raises(PreferenceDataError, match=r"tokenising rows 0\.\.0 \(0-based\) failed") as info:
+        prepare_preference_dataset(Dataset.from_list([row]), tok)
+    assert fragment in str(info.value)

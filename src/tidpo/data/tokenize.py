@@ -83,9 +83,24 @@ def _prepare_tokenizer(tokenizer: PreTrainedTokenizerBase, fmt: PreferenceFormat
 
 def _template_kwargs(row: dict[str, Any]) -> dict[str, Any]:
     # TRL forwards an optional per-row `tools` (list or JSON string) and `chat_template_kwargs` column.
+    # ValueErrors here reach the caller as a PreferenceDataError naming the source and rows.
     tools = row.get("tools")
-    tools = json.loads(tools) if isinstance(tools, str) else tools
-    return {"tools": tools, **(row.get("chat_template_kwargs") or {})}
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as err:
+            raise ValueError(
+                f"column 'tools': {tools[:60]!r} is not valid JSON ({err.msg}); give a list of tool schemas "
+                "or its JSON string."
+            ) from err
+    if tools is not None and not isinstance(tools, list):
+        raise ValueError(f"column 'tools': expected a list of tool schemas, got {type(tools).__name__}")
+    extra = row.get("chat_template_kwargs") or {}
+    if not isinstance(extra, dict):
+        raise ValueError(
+            f"column 'chat_template_kwargs': expected a mapping of template arguments, got {type(extra).__name__}"
+        )
+    return {"tools": tools, **extra}
 
 
 def _render_conversational(
