@@ -545,7 +545,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--share-prompt",
         choices=("auto", "true", "false"),
         default="auto",
-        help="share_prompt of our configurations but the *_rows ones (auto is off under checkpointing)",
+        help="share_prompt of our configurations but the *_rows ones (auto: see TIDPOConfig.share_prompt)",
     )
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--seed", type=int, default=0)

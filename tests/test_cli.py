@@ -505,3 +505,22 @@ def test_fuzz_rows_through_the_cli_train_or_fail_clearly(model_dir, tmp_path_fac
     else:
         assert code == 0, err
         assert (tmp / "out" / "model.safetensors").exists()
+
+
+def test_data_build_takes_the_documented_options(model_dir, tmp_path, capsys):
+    """`tidpo data build` and `python -m tidpo.tasks.build` share one parser (the data README's commands
+    use --no-progress and the sampling options)."""
+    prompts = write_jsonl(
+        tmp_path / "prompts.jsonl", [{"prompt": f"Review {i}: the food was"} for i in range(3)]
+    )
+    out = tmp_path / "pairs.jsonl"
+    argv = ["data", "build", "--task", "sentiment", "--model", str(model_dir), "--prompts", str(prompts)]
+    argv += ["--samples", "2", "--out", str(out), "--max-new-tokens", "4", "--temperature", "1.0"]
+    argv += ["--top-k", "0", "--top-p", "1.0", "--no-progress"]
+    code, stdout, err = cli(argv, capsys)
+    assert code == 0, err
+    stats = json.loads(stdout[stdout.index("{") :])
+    assert stats["prompts"] == 3 and stats["pairs"] + stats["ties_skipped"] == 3
+    assert out.exists()
+    code, _, err = cli(["data", "nope"], capsys)
+    assert code == 2 and "invalid choice: 'nope'" in err

@@ -3,7 +3,7 @@
 Every run trains the embedded SmolLM2-135M-Instruct with LoRA from the same start on pairs built by
 `tidpo data build` from the model's own samples and a programmatic judge, then evaluates it on the
 held-out test prompts. Runs are resumable: each finished run writes `runs/<name>/result.json` and is
-skipped next time. `summarize.py` turns the results into RESULTS.md.
+skipped next time. `summarize.py` turns the results into `tables.md` and plots, which RESULTS.md quotes.
 
     python benchmarks/replicate/run.py                 # everything (data, main grid, label noise)
     python benchmarks/replicate/run.py --only main --tasks instructions --seeds 0

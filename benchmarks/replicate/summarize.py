@@ -126,6 +126,10 @@ def epoch_losses(results: list[dict], task: str) -> str:
 
 
 def main() -> int:
+    import argparse
+
+    # No options; a parser so that --help describes the script instead of rewriting its outputs.
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()
     results = load_results()
     if not results:
         print(f"no results under {RUNS}; run benchmarks/replicate/run.py first", file=sys.stderr)

@@ -625,40 +625,13 @@ def _explain(argv: list[str]) -> int:
 
 
 def _data(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="tidpo data", description="Build preference data.")
-    sub = parser.add_subparsers(dest="action", required=True)
-    build = sub.add_parser("build", help="Sample K responses per prompt, judge them, write best/worst pairs.")
-    build.add_argument("--task", required=True, help="Built-in task: instructions, sentiment.")
-    build.add_argument("--model", default="smollm2-135m")
-    build.add_argument("--prompts", default=None, help="Prompt JSONL (default: the task's train prompts).")
-    build.add_argument("--samples", type=int, default=4)
-    build.add_argument("--out", required=True)
-    build.add_argument("--flip-fraction", type=float, default=0.0)
-    build.add_argument("--seed", type=int, default=0)
-    build.add_argument("--max-new-tokens", type=int, default=48)
-    build.add_argument("--batch-size", type=int, default=16)
-    a = parser.parse_args(argv)
-    from tidpo.tasks.build import build_pairs
+    if not argv or argv[0] != "build":
+        parser = argparse.ArgumentParser(prog="tidpo data", description="Build preference data.")
+        parser.add_argument("action", choices=["build"])
+        parser.parse_args(argv[:1])  # exits 2 with argparse's message (or prints --help)
+    from tidpo.tasks.build import main as build_main
 
-    stats = build_pairs(
-        task=a.task,
-        model=a.model,
-        prompts=a.prompts,
-        samples=a.samples,
-        out=a.out,
-        flip_fraction=a.flip_fraction,
-        seed=a.seed,
-        max_new_tokens=a.max_new_tokens,
-        batch_size=a.batch_size,
-    )
-    print(json.dumps(stats, indent=2, default=str))
-    if stats["pairs"] == 0:
-        print(
-            f"tidpo: warning: {a.out} holds no pairs: every prompt's samples scored the same (ties are "
-            f"skipped; see {a.out}.ties). Raise --samples or use prompts the judge can tell apart.",
-            file=sys.stderr,
-        )
-    return 0
+    return build_main(argv[1:], prog="tidpo data build")
 
 
 COMMANDS = {"train": train, "eval": _eval, "explain": _explain, "data": _data}

@@ -335,12 +335,14 @@ def build_pairs(
     return stats
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m tidpo.tasks.build`` (the same options as ``tidpo data build``)."""
-    parser = argparse.ArgumentParser(description="Build a preference dataset for a built-in task.")
-    parser.add_argument("--task", required=True)
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """``tidpo data build`` and ``python -m tidpo.tasks.build`` (one parser for both)."""
+    parser = argparse.ArgumentParser(
+        prog=prog, description="Sample K responses per prompt, judge them, write best-vs-worst pairs."
+    )
+    parser.add_argument("--task", required=True, help="Built-in task: instructions, sentiment.")
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--prompts", default=None)
+    parser.add_argument("--prompts", default=None, help="Prompt JSONL (default: the task's train prompts).")
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--out", required=True)
     parser.add_argument("--flip-fraction", type=float, default=0.0)
@@ -369,6 +371,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     json.dump(stats, sys.stdout, indent=2)
     print()
+    if stats["pairs"] == 0:
+        print(
+            f"tidpo: warning: {args.out} holds no pairs: every prompt's samples scored the same (ties are "
+            f"skipped; see {args.out}.ties). Raise --samples or use prompts the judge can tell apart.",
+            file=sys.stderr,
+        )
     return 0
 
 
