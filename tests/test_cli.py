@@ -524,3 +524,30 @@ def test_data_build_takes_the_documented_options(model_dir, tmp_path, capsys):
     assert out.exists()
     code, _, err = cli(["data", "nope"], capsys)
     assert code == 2 and "invalid choice: 'nope'" in err
+
+
+def test_with_load_best_model_at_end_the_final_eval_is_the_saved_models(model_dir, tmp_path, capsys):
+    data = data_file(tmp_path, PAIRS)
+    argv = argv_for(
+        model_dir,
+        data,
+        tmp_path,
+        max_steps=3,
+        eval_data=str(data),
+        eval_strategy="steps",
+        eval_steps=1,
+        save_strategy="steps",
+        save_steps=1,
+        load_best_model_at_end="true",
+        metric_for_best_model="eval_loss",
+        greater_is_better="true",  # the highest loss: an early step, so the saved model is not the last
+        learning_rate=0.05,
+    )
+    code, _, err = cli(argv, capsys)
+    assert code == 0, err
+    state = json.loads((tmp_path / "out" / "trainer_state.json").read_text())
+    best_step = int(state["best_model_checkpoint"].rsplit("-", 1)[-1])
+    assert best_step < 3
+    at_best = next(h for h in state["log_history"] if "eval_loss" in h and h["step"] == best_step)
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["eval"]["eval_loss"] == at_best["eval_loss"] == state["best_metric"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -140,6 +141,8 @@ def test_evaluate_errors(models):
         evaluate(policy, reference, tok, ROWS, num_prompts=1)
     with pytest.raises(ValueError, match="batch_size"):
         evaluate(policy, reference, tok, ROWS, batch_size=0)
+    with pytest.raises(ValueError, match=r"temperature must be > 0 \(the generations are sampled\), got 0"):
+        evaluate(policy, reference, tok, ROWS, temperature=0.0)
 
 
 def test_mean_token_entropy_hand_computed():
@@ -197,3 +200,62 @@ def test_run_eval_end_to_end(tmp_path, capsys):
     assert set(saved) == KEYS
     assert len((tmp_path / "out" / "samples.jsonl").read_text().splitlines()) == 3
     assert "judge/win_rate" in capsys.readouterr().out
+
+
+def test_run_eval_truncates_as_the_training_run_and_checks_cheap_inputs_first(tmp_path, monkeypatch):
+    from tidpo import models
+
+    tok = tiny_tokenizer()
+    for name in ("policy", "ref"):
+        tiny_causal_lm(tokenizer=tok).save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    (tmp_path / "policy" / "run_config.json").write_text(
+        json.dumps({"training": {"max_length": 40, "max_prompt_length": 3}})
+    )
+    data = tmp_path / "held_out.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    seen = {}
+    real_evaluate = evaluate
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real_evaluate(*args, **kwargs)
+
+    module = sys.modules[run_eval.__module__]  # the package re-exports the function under the same name
+    monkeypatch.setattr(module, "evaluate", spy)
+    run_eval(
+        str(tmp_path / "policy"),
+        str(tmp_path / "ref"),
+        str(data),
+        None,
+        str(tmp_path / "o"),
+        max_new_tokens=2,
+    )
+    assert (seen["max_length"], seen["max_prompt_length"]) == (40, 3)
+    run_eval(
+        str(tmp_path / "policy"),
+        str(tmp_path / "ref"),
+        str(data),
+        None,
+        str(tmp_path / "o"),
+        max_new_tokens=2,
+        max_length=64,
+        max_prompt_length=None,
+    )
+    assert (seen["max_length"], seen["max_prompt_length"]) == (64, 3)  # given wins; None: the run's
+
+    # A bad judge or data file fails before any model is loaded.
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the cheap checks")
+
+    monkeypatch.setattr(models, "load_causal_lm", no_model)
+    with pytest.raises(KeyError, match="Unknown judge"):
+        run_eval(str(tmp_path / "policy"), str(tmp_path / "ref"), str(data), "nope", str(tmp_path / "o"))
+    with pytest.raises(FileNotFoundError):
+        run_eval(
+            str(tmp_path / "policy"),
+            str(tmp_path / "ref"),
+            str(tmp_path / "x.jsonl"),
+            None,
+            str(tmp_path / "o"),
+        )

@@ -10,6 +10,8 @@ import torch
 from datasets import Dataset
 from transformers import StaticCache, TrainerCallback
 
+from conftest import PAIRS
+from helpers.tiny_run import write_jsonl
 from tidpo import TIDPOConfig, TIDPOTrainer
 from tidpo.models import tiny_causal_lm
 from tidpo.training.trainer import window_metrics
@@ -501,3 +503,59 @@ def test_prepare_dataset_picks_the_split(tmp_path, tiny_tok, pairs_dataset):
     both = DatasetDict({"train": pairs_dataset, "test": pairs_dataset.select(range(2))})
     assert len(TIDPOTrainer.prepare_dataset(both, tiny_tok, args)) == len(pairs_dataset)
     assert len(TIDPOTrainer.prepare_dataset(both, tiny_tok, args, split="test")) == 2
+
+
+def test_a_model_with_nothing_to_train_is_refused(tmp_path, tiny_tok, tiny_llama, pairs_dataset):
+    """A LoRA adapter loaded frozen (PeftModel.from_pretrained without is_trainable) would train nothing."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    folder = tmp_path / "adapter"
+    lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    get_peft_model(copy.deepcopy(tiny_llama), lora).save_pretrained(folder)
+    frozen = PeftModel.from_pretrained(copy.deepcopy(tiny_llama), folder)
+    with pytest.raises(ValueError, match="no trainable parameter: its LoRA adapters were loaded frozen"):
+        TIDPOTrainer(
+            frozen, args=make_config(tmp_path), train_dataset=pairs_dataset, processing_class=tiny_tok
+        )
+    trainable = PeftModel.from_pretrained(copy.deepcopy(tiny_llama), folder, is_trainable=True)
+    TIDPOTrainer(
+        trainable, args=make_config(tmp_path), train_dataset=pairs_dataset, processing_class=tiny_tok
+    )
+    tiny_llama.requires_grad_(False)
+    with pytest.raises(ValueError, match="every parameter has requires_grad=False"):
+        TIDPOTrainer(
+            tiny_llama, args=make_config(tmp_path), train_dataset=pairs_dataset, processing_class=tiny_tok
+        )
+
+
+def test_predict_returns_the_eval_metrics_and_keeps_them_apart(tmp_path, tiny_tok, tiny_llama, pairs_dataset):
+    args = make_config(tmp_path, gamma=0.0)
+    trainer = TIDPOTrainer(
+        tiny_llama,
+        args=args,
+        train_dataset=pairs_dataset,
+        eval_dataset=pairs_dataset,
+        processing_class=tiny_tok,
+    )
+    first = trainer.evaluate()
+    out = trainer.predict(PAIRS[:2])  # raw rows, as the constructor takes them
+    assert {"test_loss", "test_rewards/accuracies", "test_weights/std"} <= set(out.metrics)
+    again = trainer.evaluate()  # predict's batches did not leak into this one
+    assert again["eval_rewards/margins"] == pytest.approx(first["eval_rewards/margins"], rel=1e-6)
+    from_path = trainer.evaluate(str(write_jsonl(tmp_path / "pairs.jsonl", PAIRS)))
+    assert from_path["eval_loss"] == pytest.approx(first["eval_loss"], rel=1e-6)
+
+
+def test_the_end_of_training_summary_holds_no_partial_window(tmp_path, tiny_tok, tiny_llama, pairs_dataset):
+    """4 steps logged every 3: the last step's metrics are not passed off as the run's in the summary."""
+    args = make_config(tmp_path, max_steps=4, logging_steps=3, per_device_train_batch_size=2, gamma=0.0)
+    trainer = TIDPOTrainer(tiny_llama, args=args, train_dataset=pairs_dataset, processing_class=tiny_tok)
+    result = trainer.train()
+    assert "train_loss" in result.metrics
+    assert not [k for k in result.metrics if "/" in k], result.metrics
+
+
+def test_a_model_object_without_a_tokenizer_says_to_pass_one(tmp_path, tiny_llama, pairs_dataset):
+    tiny_llama.config._name_or_path = ""
+    with pytest.raises(ValueError, match="Pass processing_class="):
+        TIDPOTrainer(tiny_llama, args=make_config(tmp_path), train_dataset=pairs_dataset)

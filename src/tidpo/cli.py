@@ -511,9 +511,14 @@ def train(argv: list[str]) -> int:
 
 
 def _final_eval(trainer) -> dict:
-    """Eval metrics of the final model: the last periodic eval when it ran at the final step."""
-    evals = [h for h in trainer.state.log_history if "eval_loss" in h]
-    if evals and evals[-1].get("step") == trainer.state.global_step:
+    """Eval metrics of the saved model: the periodic eval of the step it comes from (the final step, or
+    the best checkpoint's under load_best_model_at_end) when there was one, else a new evaluation."""
+    step = trainer.state.global_step
+    best = trainer.state.best_model_checkpoint
+    if trainer.args.load_best_model_at_end and best:
+        step = int(Path(best).name.rsplit("-", 1)[-1])
+    evals = [h for h in trainer.state.log_history if "eval_loss" in h and h.get("step") == step]
+    if evals:
         return {k: v for k, v in evals[-1].items() if k.startswith("eval_")}
     return trainer.evaluate()
 
@@ -572,8 +577,22 @@ def _eval(argv: list[str]) -> int:
     parser.add_argument("--beta", type=float, default=0.1)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--num-prompts", type=int, default=None)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=8,
+        help="Pairs per forward / prompts per generation batch (the sampled generations depend on it).",
+    )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--max-length",
+        type=int,
+        default=None,
+        help="Truncation of the pairs (default: the training run's, from --model's run_config.json; else 512).",
+    )
+    parser.add_argument(
+        "--max-prompt-length", type=int, default=None, help="Prompt truncation (same default rule; else 256)."
+    )
     a = parser.parse_args(argv)
     _check_model_path(a.model, "model")
     _check_model_path(a.reference, "reference")
@@ -590,6 +609,8 @@ def _eval(argv: list[str]) -> int:
         num_prompts=a.num_prompts,
         batch_size=a.batch_size,
         seed=a.seed,
+        max_length=a.max_length,
+        max_prompt_length=a.max_prompt_length,
     )
     return 0
 

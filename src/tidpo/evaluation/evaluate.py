@@ -249,9 +249,13 @@ def evaluate(
         num_prompts: generate for only the first ``num_prompts`` of those pairs' prompts (default: all);
             at least 2 (Self-BLEU compares generations with each other).
         batch_size: pairs per forward pass / prompts per ``generate`` call.
-        seed: sampling seed, the same for the policy and the reference.
+        seed: sampling seed, the same for the policy and the reference. The generations (so the
+            ``judge/*``, ``diversity/*`` and ``kl`` metrics) depend on it and on ``batch_size`` (the
+            random draws follow the batch layout); the ``rewards/*`` and ``logps/*`` do not.
         temperature, top_k, top_p, max_new_tokens: sampling settings (spec §5 defaults).
-        max_length, max_prompt_length: truncation of the pairs, as in training.
+        max_length, max_prompt_length: truncation of the pairs, by the training rules (pass the
+            training run's values to score the pairs as it saw them; ``run_eval`` reads them from the
+            run folder).
         return_samples: also return ``"samples"``: per prompt, its text, both generations and scores.
 
     Returns:
@@ -265,6 +269,10 @@ def evaluate(
 
     if batch_size < 1:
         raise ValueError(f"evaluate: batch_size must be >= 1, got {batch_size}")
+    if not temperature > 0:
+        raise ValueError(
+            f"evaluate: temperature must be > 0 (the generations are sampled), got {temperature}"
+        )
     if beta <= 0:
         raise ValueError(f"evaluate: beta must be > 0, got {beta}")
     judge_fn = get_judge(judge) if judge is not None else None  # fail on a bad name before any work
@@ -457,6 +465,16 @@ def write_eval(results: Mapping[str, Any], out_dir: str | Path) -> Path:
     return path
 
 
+def _training_lengths(model: str) -> dict[str, int | None]:
+    """``max_length`` / ``max_prompt_length`` of the ``tidpo train`` run that wrote ``model`` (its
+    ``run_config.json``), so ``tidpo eval`` truncates the pairs as that training did; {} otherwise."""
+    path = Path(model) / "run_config.json"
+    if not path.is_file():
+        return {}
+    training = json.loads(path.read_text(encoding="utf-8")).get("training", {})
+    return {k: training[k] for k in ("max_length", "max_prompt_length") if k in training}
+
+
 def run_eval(
     model: str,
     reference: str,
@@ -470,10 +488,29 @@ def run_eval(
 ) -> dict[str, Any]:
     """What ``tidpo eval`` does: load both models (by path or built-in name) and the policy's
     tokenizer, ``evaluate`` on ``data``, print the table, write ``out/eval.json`` and
-    ``out/samples.jsonl``. ``options`` go to :func:`evaluate` (``beta``, ``max_new_tokens``, ...)."""
+    ``out/samples.jsonl``. ``options`` go to :func:`evaluate` (``beta``, ``max_new_tokens``, ...);
+    ``max_length`` / ``max_prompt_length`` not given (or None) are those of the training run that wrote
+    ``model`` (its ``run_config.json``), else :func:`evaluate`'s defaults."""
+    from tidpo.data import prepare_preference_dataset
+    from tidpo.judges import get_judge
     from tidpo.models import load_causal_lm, load_tokenizer
 
+    trained = _training_lengths(model)
+    for key in ("max_length", "max_prompt_length"):
+        if options.get(key) is None:  # not given: the training run's, else evaluate's default
+            options.pop(key, None)
+            if key in trained:
+                options[key] = trained[key]
     tokenizer = load_tokenizer(model)
+    # The judge and the data first: a typo fails in seconds, not after two models have loaded.
+    if judge is not None:
+        get_judge(judge)
+    prepare_preference_dataset(
+        data,
+        tokenizer,
+        max_length=options.get("max_length", 512),
+        max_prompt_length=options.get("max_prompt_length", 256),
+    )
     policy = load_causal_lm(model, dtype=dtype)
     ref = load_causal_lm(reference, dtype=dtype)
     if torch.cuda.is_available():

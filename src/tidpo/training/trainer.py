@@ -231,7 +231,13 @@ class TIDPOTrainer(Trainer):
         if isinstance(model, str):
             model = load_causal_lm(model, **(args.model_init_kwargs or {}))
         if processing_class is None:
-            processing_class = load_tokenizer(model_name)
+            try:
+                processing_class = load_tokenizer(model_name)
+            except OSError as err:
+                raise ValueError(
+                    f"TIDPOTrainer: no processing_class given, and no tokenizer loads from the model's name "
+                    f"{model_name!r} ({err}). Pass processing_class=<the model's tokenizer>."
+                ) from err
         ensure_pad_token(processing_class)
         model.config.pad_token_id = processing_class.pad_token_id
         if getattr(model, "generation_config", None) is not None:
@@ -247,6 +253,17 @@ class TIDPOTrainer(Trainer):
                 )
             model = get_peft_model(model, peft_config)
         self.is_peft = _is_peft_model(model)
+        if not any(p.requires_grad for p in model.parameters()):
+            if self.is_peft or getattr(model, "_hf_peft_config_loaded", False):
+                why = (
+                    "its LoRA adapters were loaded frozen (a LoRA output folder loaded as a plain model, or "
+                    "PeftModel.from_pretrained without is_trainable=True). To train them further load them with "
+                    "PeftModel.from_pretrained(base_model, path, is_trainable=True) (or resume the run from its "
+                    "checkpoint); to train a new adapter on top, merge them first (merge_and_unload)"
+                )
+            else:
+                why = "every parameter has requires_grad=False"
+            raise ValueError(f"TIDPOTrainer: the model has no trainable parameter: {why}.")
 
         if ref_model is model:
             raise ValueError("TIDPOTrainer: model and ref_model are the same object; omit ref_model instead.")
@@ -1185,20 +1202,42 @@ class TIDPOTrainer(Trainer):
             "weights/entropy": self._gather_mean(entropy),
         }
 
+    def _prepared_for_eval(self, dataset: Any) -> Any:
+        """Preference data in any form the constructor takes (path, rows, raw Dataset), prepared the same
+        way; a name of one of the trainer's eval sets (`Trainer`'s meaning of a string) is kept."""
+        if dataset is None or (
+            isinstance(dataset, str) and isinstance(self.eval_dataset, dict) and dataset in self.eval_dataset
+        ):
+            return dataset
+        if isinstance(dataset, Dataset) and "chosen_input_ids" in dataset.column_names:
+            return dataset
+        dataset = self.prepare_dataset(dataset, self.processing_class, self.args)
+        return self._precompute_ref_logps(dataset) if self.args.precompute_ref_logps else dataset
+
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
-        if isinstance(eval_dataset, Dataset) and "chosen_input_ids" not in eval_dataset.column_names:
-            # Raw preference rows, as the constructor takes them: prepared the same way.
-            eval_dataset = self.prepare_dataset(eval_dataset, self.processing_class, self.args)
-            if self.args.precompute_ref_logps:
-                eval_dataset = self._precompute_ref_logps(eval_dataset)
+        if not isinstance(eval_dataset, dict):
+            eval_dataset = self._prepared_for_eval(eval_dataset)
         # `log` names the eval metrics with this prefix, as `Trainer` names eval_loss (e.g. a dict of eval
         # sets gives eval_<name>_loss and eval_<name>_rewards/accuracies).
         self._eval_prefix = metric_key_prefix
         return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
 
+    def predict(self, test_dataset, ignore_keys=None, metric_key_prefix: str = "test"):
+        """`Trainer.predict`: the loss and every metric of `evaluate` on ``test_dataset`` (no predictions:
+        the output's ``predictions`` are None), named with ``metric_key_prefix``."""
+        self._metrics["eval"].clear()
+        output = super().predict(self._prepared_for_eval(test_dataset), ignore_keys, metric_key_prefix)
+        # `predict` does not log: take its batches' metrics here, so they never leak into a later eval.
+        for key, value in window_metrics(self._metrics["eval"]).items():
+            output.metrics[f"{metric_key_prefix}_{key}"] = value
+        self._metrics["eval"].clear()
+        return output
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if self.model.training else "eval"
-        metrics = window_metrics(self._metrics[mode])
+        # The end-of-training summary (train_runtime, train_loss) covers the run, not the steps since the
+        # last log: their metrics are left out of it, as `Trainer` leaves out their loss.
+        metrics = {} if "train_runtime" in logs else window_metrics(self._metrics[mode])
         if mode == "eval":
             metrics = {f"{self._eval_prefix}_{key}": value for key, value in metrics.items()}
         logs.update(metrics)
