@@ -190,3 +190,5 @@ def test_run_explain_from_a_data_row(tmp_path):
         run_explain(str(model_dir), "p", "r", str(tmp_path / "o"), data=str(data), row=0)
     with pytest.raises(ValueError, match="both --prompt and --response"):
         run_explain(str(model_dir), "p", None, str(tmp_path / "o"))
+    with pytest.raises(ValueError, match="--response is empty"):
+        run_explain(str(model_dir), "p", " ", str(tmp_path / "o"))

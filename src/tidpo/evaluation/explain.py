@@ -592,6 +592,8 @@ def run_explain(
         prompt, response = _load_row(data, row)
     elif prompt is None or response is None:
         raise ValueError("Give both --prompt and --response (or --data FILE --row N)")
+    elif isinstance(response, str) and not response.strip():
+        raise ValueError("--response is empty: give the response text whose tokens to weigh")
 
     lm = load_causal_lm(model, dtype=torch.float32)
     tok = load_tokenizer(tokenizer or model)
