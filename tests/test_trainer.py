@@ -277,7 +277,7 @@ def test_eval_metrics_are_per_pair_whatever_the_batch_size(tmp_path, tiny_tok, t
                 param.add_(0.05 * torch.randn(param.shape, generator=torch.Generator().manual_seed(1)))
         trainer = TIDPOTrainer(
             model,
-            ref_model=tiny_llama,
+            ref_model=copy.deepcopy(tiny_llama),  # the trainer freezes its reference: never the fixture
             args=args,
             train_dataset=pairs_dataset,
             eval_dataset=pairs_dataset,
