@@ -207,3 +207,18 @@ def test_report_callback_labels_a_resumed_start_and_can_defer_the_report(tmp_pat
     callback.finish(args, state, model)
     page = (tmp_path / "run" / "report.html").read_text(encoding="utf-8")
     assert "resumed at step 3" in page and "end of training" in page and "0.6931" in page
+
+
+def test_named_eval_sets_join_their_train_panels(tmp_path):
+    history = [
+        {"step": 1, "loss": 0.69, "rewards/accuracies": 0.5},
+        {"step": 1, "eval_a_loss": 0.68, "eval_a_rewards/accuracies": 0.6, "eval_b_loss": 0.7},
+        {"step": 1, "eval_b_rewards/accuracies": 0.4},
+        {"step": 2, "loss": 0.6, "rewards/accuracies": 0.75},
+    ]
+    page = write_report(tmp_path, log_history=history).read_text(encoding="utf-8")
+    accuracy = page[page.index("<h2>Reward accuracy</h2>") :].split("<h2>")[1]
+    assert "eval_a_rewards/accuracies" in accuracy and "eval_b_rewards/accuracies" in accuracy
+    loss = page[page.index("<h2>Loss</h2>") :].split("<h2>")[1]
+    assert "eval_a_loss" in loss and "eval_b_loss" in loss
+    assert "<h2>Evaluation curves</h2>" not in page  # nothing left over

@@ -121,6 +121,12 @@ def _img(b64: str, alt: str) -> str:
     return f"<img class='plot' alt='{html.escape(alt, quote=True)}' src='data:image/png;base64,{b64}'>"
 
 
+def _eval_prefixes(series: Mapping[str, Any]) -> list[str]:
+    """``eval_`` and, for a dict of eval sets, each ``eval_<name>_`` (read off their ``..._loss`` keys)."""
+    found = {k[: -len("loss")] for k in series if k.startswith("eval_") and k.endswith("_loss")}
+    return sorted(found | {"eval_"}, key=lambda p: (p != "eval_", p))
+
+
 def _plot_panel(
     series: Mapping[str, tuple[list[float], list[float]]], names: Sequence[str], title: str
 ) -> str:
@@ -128,12 +134,13 @@ def _plot_panel(
 
     Metrics with very different scales (weight statistics) get small multiples instead.
     """
+    prefixes = _eval_prefixes(series)
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    present = [n for n in names if n in series or f"eval_{n}" in series]
+    present = [n for n in names if any(k in series for k in (n, *(p + n for p in prefixes)))]
     separate = len(present) > 3 or title == "Token-weight statistics"
     cols = min(len(present), 4) if separate else 1
     fig, axes = plt.subplots(1, cols, figsize=(3.2 * cols if separate else 7.5, 3.0), squeeze=False)
@@ -141,10 +148,11 @@ def _plot_panel(
         for k, name in enumerate(present):
             ax = axes[0][k if separate else 0]
             color = None  # an eval curve takes its train curve's colour, dashed
-            for key, style in ((name, "-"), (f"eval_{name}", "--")):
+            styles = ["-", *(["--", ":", "-."][i % 3] for i in range(len(prefixes)))]
+            for key, style in zip((name, *(p + name for p in prefixes)), styles, strict=True):
                 if key in series:
                     steps, values = series[key]
-                    label = key if not separate else ("eval" if key.startswith("eval_") else "train")
+                    label = key if not separate else (key[: -len(name)].rstrip("_") or "train")
                     (line,) = ax.plot(
                         steps,
                         values,
@@ -317,15 +325,16 @@ def write_report(
     sections = [f"<p class='muted'>run: {html.escape(str(run_dir.resolve()))}</p>", "<h2>Summary</h2>"]
     sections.append(_summary(log_history, series))
     drawn: set[str] = set()
+    prefixes = _eval_prefixes(series)  # eval_, and eval_<name>_ per named eval set
     for panel_title, names in _PANELS:
-        if any(n in series or f"eval_{n}" in series for n in names):
+        variants = [k for n in names for k in (n, *(p + n for p in prefixes))]
+        shown = [k for k in variants if k in series]
+        if shown:
             sections.append(f"<h2>{html.escape(panel_title)}</h2>")
-            shown = [k for n in names for k in (n, f"eval_{n}") if k in series]
-            dashed = " (eval_*: dashed)" if any(k.startswith("eval_") for k in shown) else ""
+            dashed = " (eval: dashed or dotted)" if any(k.startswith("eval_") for k in shown) else ""
             sections.append(f"<p class='muted'>{', '.join(html.escape(k) for k in shown)}{dashed}</p>")
             sections.append(_plot_panel(series, names, panel_title))
-            drawn.update(names)
-            drawn.update(f"eval_{n}" for n in names)
+            drawn.update(variants)
     eval_names = [k for k in series if k.startswith("eval_") and k not in drawn]
     other = [k for k in series if not k.startswith("eval_") and k not in drawn]
     if other:
