@@ -559,3 +559,41 @@ def test_a_model_object_without_a_tokenizer_says_to_pass_one(tmp_path, tiny_llam
     tiny_llama.config._name_or_path = ""
     with pytest.raises(ValueError, match="Pass processing_class="):
         TIDPOTrainer(tiny_llama, args=make_config(tmp_path), train_dataset=pairs_dataset)
+
+
+def _with_attention_dropout(model, rate: float):
+    model.config.attention_dropout = rate
+    for module in model.modules():
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = rate
+    return model
+
+
+def test_attention_dropout_is_off_by_default_and_never_reaches_the_attribution(
+    tmp_path, tiny_tok, tiny_llama, pairs_dataset
+):
+    """Spec section 2: the attribution runs without dropout. disable_dropout also zeroes Llama's
+    attention_dropout rate; with disable_dropout=False the fused pass gives way to the eval-mode pass,
+    so both attribution settings give the same weights."""
+    from tidpo.training.trainer import _dropout_active
+
+    trainer = TIDPOTrainer(
+        _with_attention_dropout(copy.deepcopy(tiny_llama), 0.3),
+        args=make_config(tmp_path),
+        train_dataset=pairs_dataset,
+        processing_class=tiny_tok,
+    )
+    assert not _dropout_active(trainer.model) and trainer.model.config.attention_dropout == 0.0
+    stds = {}
+    for attribution_pass in ("fused", "separate"):
+        args = make_config(tmp_path, disable_dropout=False, gamma=0.0, attribution_pass=attribution_pass)
+        trainer = TIDPOTrainer(
+            _with_attention_dropout(copy.deepcopy(tiny_llama), 0.3),
+            args=args,
+            train_dataset=pairs_dataset,
+            processing_class=tiny_tok,
+        )
+        assert _dropout_active(trainer.model)
+        train_loss_and_grads(trainer)
+        stds[attribution_pass] = last_metrics(trainer)["weights/std"]
+    assert stds["fused"] == pytest.approx(stds["separate"], rel=1e-6)

@@ -143,8 +143,10 @@ class TIDPOConfig(TrainingArguments):
             Keyword arguments for `from_pretrained` when `model` / `ref_model` are given by name (e.g.
             `{"dtype": "bfloat16"}`).
         disable_dropout (`bool`, defaults to `True`):
-            Set every dropout probability of the policy and the reference to 0, as TRL does. The
-            attribution of Eq. 5-6 is defined without dropout; the fused pass relies on this.
+            Set every dropout probability of the policy and the reference to 0: the `nn.Dropout` modules
+            (as TRL does) and the attention dropout rate of Llama-style attention (`attention_dropout`).
+            The attribution of Eq. 5-6 is defined without dropout: with `False` and a model that drops
+            anything, the attribution runs as its own eval-mode pass (`attribution_pass="separate"`).
 
         > Safety
 

@@ -156,9 +156,27 @@ def _nonfinite_in_context(err: NonFiniteError, step: int, pair_ids: torch.Tensor
 
 
 def _disable_dropout(model: nn.Module) -> None:
+    # nn.Dropout modules, and the attention dropout rate Llama-style attention modules keep as a float
+    # (read from config.attention_dropout when they were built) and pass to the attention kernel.
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+        config = getattr(module, "config", None)
+        if isinstance(getattr(config, "attention_dropout", None), float):
+            config.attention_dropout = 0.0
+
+
+def _dropout_active(model: nn.Module) -> bool:
+    """Whether a forward of ``model`` in training mode would drop anything (see `_disable_dropout`)."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout) and module.p > 0:
+            return True
+        rate = getattr(module, "attention_dropout", None)
+        if isinstance(rate, float) and rate > 0:
+            return True
+    return False
 
 
 # Metrics whose value over a logging window is their largest, not their mean.
@@ -632,15 +650,7 @@ class TIDPOTrainer(Trainer):
         if self._anchor_static_cache(prompt_ids):
             return False
         policy = self.accelerator.unwrap_model(model)
-        if not policy.training:
-            return True
-        for module in policy.modules():
-            if isinstance(module, nn.Dropout) and module.p > 0:
-                return False
-            rate = getattr(module, "attention_dropout", None)  # Llama-style attention modules
-            if isinstance(rate, float) and rate > 0:
-                return False
-        return True
+        return not (policy.training and _dropout_active(policy))
 
     def _anchor_static_cache(self, prompt_ids: torch.Tensor) -> bool:
         if self.args.anchor_static_cache is not None:
@@ -889,6 +899,13 @@ class TIDPOTrainer(Trainer):
         mode = args.effective_importance_mode
         fused = args.uses_attribution and args.attribution_pass == "fused" and model.training
         fused = fused and torch.is_grad_enabled() and fused_attribution_supported(self.accelerator)
+        if fused and _dropout_active(self.accelerator.unwrap_model(model)):
+            # Spec section 2: the attribution pass runs without dropout, which the training forward has.
+            self._log_fallback(
+                "the model has active dropout (disable_dropout=False): the attribution runs as its own "
+                "eval-mode pass instead of from the training forward."
+            )
+            fused = False
         scores = None
         if args.uses_attribution and not fused:
             scores = separate_attribution(model, self.accelerator, ids, attn)
