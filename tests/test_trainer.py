@@ -597,3 +597,24 @@ def test_attention_dropout_is_off_by_default_and_never_reaches_the_attribution(
         train_loss_and_grads(trainer)
         stds[attribution_pass] = last_metrics(trainer)["weights/std"]
     assert stds["fused"] == pytest.approx(stds["separate"], rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("weights", "checkpointing"), [("bfloat16", False), ("bfloat16", True), ("float32", True)]
+)
+def test_bf16_mixed_precision_trains_and_starts_at_zero_kl(
+    tmp_path, tiny_tok, tiny_llama, pairs_dataset, weights, checkpointing
+):
+    """bf16 autocast (accelerate wraps the forward; its outputs come back float32): the fused attribution's
+    output-layer call and the checkpointed KL's reference head run in the forward's precision, so a bf16
+    model trains and, with the policy equal to the reference, step 1 has KL 0 and loss log 2 exactly."""
+    args = make_config(
+        tmp_path, bf16=True, gamma=0.0, max_steps=1, gradient_checkpointing=checkpointing, learning_rate=1e-3
+    )
+    model = copy.deepcopy(tiny_llama).to(getattr(torch, weights))
+    trainer = TIDPOTrainer(model, args=args, train_dataset=pairs_dataset, processing_class=tiny_tok)
+    trainer.train()
+    first = trainer.state.log_history[0]
+    assert first["kl/chosen"] == 0.0 and first["kl/rejected"] == 0.0
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert first["weights/std"] > 0

@@ -465,12 +465,24 @@ class TIDPOTrainer(Trainer):
             if not as_head:
                 return ref(**kwargs).logits
             decoder, head = decoder_and_head(ref)
-            hidden = decoder(**kwargs).last_hidden_state
-            device = hidden.device.type
-            dtype = (
-                torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else head.weight.dtype
-            )
-            return ReferenceHead(hidden, head.weight, head.bias, dtype)
+            device_type = head.weight.device.type
+            dtype = self._autocast_dtype(device_type)
+            # The decoder is called directly, outside the forward that accelerate wraps in autocast.
+            with torch.autocast(device_type, dtype=dtype) if dtype else contextlib.nullcontext():
+                hidden = decoder(**kwargs).last_hidden_state
+            return ReferenceHead(hidden, head.weight, head.bias, dtype or head.weight.dtype)
+
+    def _autocast_dtype(self, device_type: str) -> torch.dtype | None:
+        """The dtype the models' matmuls run in under mixed precision, or None without it.
+
+        Accelerate runs the model's forward under autocast (and converts its outputs to float32); code
+        outside the forward that redoes one of its matmuls (an output layer) must use the same dtype.
+        """
+        if torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+        if getattr(self.accelerator, "native_amp", False):
+            return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(self.accelerator.mixed_precision))
+        return None
 
     def _reference_module(self) -> nn.Module:
         """The reference: the separate reference model, or (LoRA) the unwrapped policy, which the
@@ -1009,7 +1021,13 @@ class TIDPOTrainer(Trainer):
             rows = torch.arange(n_rows, device=ids.device)
             last_logits = logits[rows, last]
             head = policy.get_output_embeddings()
-            hidden_logits = head(outputs.hidden_states[-1][rows, last]) if head is not None else None
+            hidden_logits = None
+            if head is not None:
+                # As the forward computed the logits: under its autocast (its outputs come back float32).
+                dtype = self._autocast_dtype(ids.device.type)
+                amp = torch.autocast(ids.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+                with amp:
+                    hidden_logits = head(outputs.hidden_states[-1][rows, last])
             if hidden_logits is not None and torch.allclose(
                 hidden_logits.float(), last_logits.float(), rtol=1e-3, atol=1e-3
             ):
