@@ -13,6 +13,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -243,6 +244,11 @@ def test_yaml_value_of_the_wrong_type(model_dir, tmp_path, capsys):
         (["--dtype", "float17"], "--dtype 'float17': not a torch dtype"),
         (["--report_pairs", "0"], "--report_pairs 0: must be >= 1"),
         (["--resume", "--resume_from_checkpoint", "x"], "not both"),
+        pytest.param(
+            ["--load_in_4bit", "true", "--use_peft", "true"],
+            "--load_in_4bit (QLoRA) needs a CUDA GPU",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU machine may run QLoRA"),
+        ),
     ],
 )
 def test_invalid_script_options(model_dir, tmp_path, capsys, flags, fragment):

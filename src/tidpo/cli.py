@@ -294,6 +294,14 @@ def _check_script_args(script: ScriptArguments) -> None:
         raise CLIError(
             f"--lora_target_modules {modules!r}: give module names (e.g. q_proj v_proj) or 'all-linear'."
         )
+    if script.load_in_4bit:
+        import importlib.util
+
+        if importlib.util.find_spec("bitsandbytes") is None or not torch.cuda.is_available():
+            raise CLIError(
+                "--load_in_4bit (QLoRA) needs a CUDA GPU and the bitsandbytes package (pip install "
+                "bitsandbytes>=0.46.1); without them set load_in_4bit: false (LoRA on the full-precision model)."
+            )
     for option in ("num_processes", "report_pairs"):
         if getattr(script, option) < 1:
             raise CLIError(f"--{option} {getattr(script, option)}: must be >= 1.")
