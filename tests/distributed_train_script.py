@@ -63,7 +63,23 @@ RUNS = {
         learning_rate=1e-2,
         gradient_checkpointing=True,
     ),
+    # Row 5's chosen holds a token whose embedding is NaN: only the rank that gets row 5 skips its batch.
+    "skip": dict(gamma=0.0, tdpo_alpha=0.0, learning_rate=1e-2, skip_nonfinite_batches=True),
 }
+
+
+def poison_row_5(model, tokenizer) -> None:
+    """NaN into the input embedding of a token that only row 5's chosen response uses."""
+    others = {
+        t
+        for i, p in enumerate(PAIRS)
+        for f in p
+        if (i, f) != (5, "chosen")
+        for t in tokenizer(p[f])["input_ids"]
+    }
+    own = [t for t in tokenizer(PAIRS[5]["chosen"])["input_ids"] if t not in others]
+    with torch.no_grad():
+        model.get_input_embeddings().weight[own[0]] = float("nan")
 
 
 def train_one(
@@ -94,6 +110,8 @@ def train_one(
         from tidpo.models import load_causal_lm, load_tokenizer
 
         tokenizer, model = load_tokenizer(model_dir), load_causal_lm(model_dir, dtype=torch.float32)
+    if run == "skip":
+        poison_row_5(model, tokenizer)
     peft_config = None
     if run == "lora":
         from peft import LoraConfig

@@ -62,7 +62,7 @@ def ddp_runs(tmp_path_factory):
     ddp_out, single_out = base / "ddp", base / "single"
     ddp_out.mkdir()
     single_out.mkdir()
-    ddp = _launch(2, ddp_out, "equal,full,lora", per_device_batch=2, steps=4)
+    ddp = _launch(2, ddp_out, "equal,full,lora,skip", per_device_batch=2, steps=4)
     single = _launch(1, single_out, "equal", per_device_batch=4, steps=4)
     _wait(single, single_out)
     _wait(ddp, ddp_out)
@@ -111,6 +111,21 @@ def test_ddp_weights_match_single_process(ddp_runs, tiny_tok):
     assert [h["rewards/accuracies"] for h in ddp_logs[1:]] == [
         h["rewards/accuracies"] for h in single_logs[1:]
     ]
+
+
+def test_ddp_skips_a_non_finite_batch_on_one_rank_without_hanging(ddp_runs):
+    """skip_nonfinite_batches under DDP: the rank whose batch holds row 5 (NaN embedding) skips it while
+    the other trains; both reach the end (no collective left waiting) and log the same numbers."""
+    ddp_out, _ = ddp_runs
+    p0, info0 = _load(ddp_out, "skip", 0)
+    p1, info1 = _load(ddp_out, "skip", 1)
+    logs0 = [h for h in info0["log_history"] if "loss" in h]
+    assert len(logs0) == 4 and logs0 == [h for h in info1["log_history"] if "loss" in h]
+    assert logs0[-1]["nonfinite/skipped"] >= 1  # the running total, gathered: the same on both ranks
+    assert all(math.isfinite(h["loss"]) for h in logs0)  # the other rank's batch is the step's loss
+    for name in p0:  # the poisoned embedding row stays NaN on both ranks; everything else is finite
+        torch.testing.assert_close(p0[name], p1[name], rtol=0, atol=0, equal_nan=True, msg=name)
+        assert torch.isnan(p0[name]).sum() == (p0[name].shape[-1] if "embed" in name else 0), name
 
 
 @pytest.mark.parametrize("run", ["full", "lora"])
@@ -275,8 +290,8 @@ def test_backend_helpers_on_one_process():
     from tidpo.training.distributed import (
         backend_name,
         fused_attribution_supported,
-        global_max,
         global_sum_count,
+        reduce_batch_stats,
     )
 
     acc = Accelerator(cpu=True)
@@ -284,8 +299,9 @@ def test_backend_helpers_on_one_process():
     assert fused_attribution_supported(acc)
     assert global_sum_count(acc, torch.tensor([[1.0, 2.0], [3.0, 6.0]])) == (12.0, 4.0)
     assert global_sum_count(acc, torch.zeros(0)) == (0.0, 0.0)
-    assert global_max(acc, torch.tensor([[1.0, 7.0], [3.0, -6.0]])) == 7.0
-    assert global_max(acc, torch.zeros(0)) == float("-inf")
+    stats = {"a": torch.tensor([3.0, 4.0]), "top": torch.tensor(7.0), "b": torch.tensor([1.0, 2.0])}
+    assert reduce_batch_stats(acc, stats, {"top"}) == {"a": (3.0, 4.0), "b": (1.0, 2.0), "top": (7.0, 1.0)}
+    assert reduce_batch_stats(acc, {}) == {}
 
 
 # ----------------------------------------------------------------------------- shipped configs

@@ -18,8 +18,9 @@ TI-DPO does three things a plain DPO trainer does not, and each interacts with s
   of keeping a full replica on every device.
 
 Plus small pieces for data-parallel bookkeeping: :func:`rank_slice` (split a precompute pass across
-ranks with the same number of batches on each), :func:`global_sum_count` and :func:`global_max`
-(metrics that are the same on every rank, whatever the shapes of the per-rank tensors).
+ranks with the same number of batches on each), :func:`reduce_batch_stats` and
+:func:`global_sum_count` (metrics that are the same on every rank, whatever the shapes of the per-rank
+tensors).
 
 Everything here is a no-op or a plain call on one process and under DDP, so it is exercised by the
 CPU test suite on those paths; the DeepSpeed and FSDP branches need GPUs (see docs/scaling.md).
@@ -30,7 +31,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -45,11 +46,11 @@ __all__ = [
     "backend_name",
     "default_reference_model",
     "fused_attribution_supported",
-    "global_max",
     "global_sum_count",
     "is_fsdp",
     "prepare_reference_model",
     "rank_slice",
+    "reduce_batch_stats",
     "separate_attribution",
     "unwrapped_for_generation",
     "zero_stage",
@@ -427,10 +428,26 @@ def global_sum_count(accelerator: Accelerator, values: torch.Tensor) -> tuple[fl
     return total, count
 
 
-def global_max(accelerator: Accelerator, values: torch.Tensor) -> float:
-    """Largest element of ``values`` over every rank (``-inf`` where all are empty)."""
-    values = values.detach().float().reshape(-1)
-    top = values.max() if values.numel() else values.new_tensor(float("-inf"))
-    if accelerator.num_processes > 1:
-        top = accelerator.gather(top.reshape(1)).max()
-    return float(top)
+def reduce_batch_stats(
+    accelerator: Accelerator, stats: Mapping[str, torch.Tensor], maxima: Collection[str] = ()
+) -> dict[str, tuple[float, float]]:
+    """One batch's metrics over every rank, in two collectives and one host sync.
+
+    ``stats`` maps each metric to this rank's ``[sum, count]`` tensor, or, for the names in ``maxima``,
+    to its largest value (a scalar). Returns ``(sum, count)`` summed over the ranks, or ``(max, 1)``.
+    Every rank must call it with the same metric names.
+    """
+    out: dict[str, tuple[float, float]] = {}
+    summed = sorted(k for k in stats if k not in maxima)
+    maxed = sorted(k for k in stats if k in maxima)
+    if summed:
+        table = torch.stack([stats[k].detach().float().reshape(2) for k in summed])
+        if accelerator.num_processes > 1:
+            table = accelerator.reduce(table, reduction="sum")
+        out.update({k: (total, count) for k, (total, count) in zip(summed, table.tolist(), strict=True)})
+    if maxed:
+        tops = torch.stack([stats[k].detach().float().reshape(()) for k in maxed])
+        if accelerator.num_processes > 1:
+            tops = accelerator.gather(tops.unsqueeze(0)).amax(0)
+        out.update({k: (top, 1.0) for k, top in zip(maxed, tops.tolist(), strict=True)})
+    return out

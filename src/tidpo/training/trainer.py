@@ -71,11 +71,11 @@ from tidpo.training.config import TIDPOConfig
 from tidpo.training.distributed import (
     default_reference_model,
     fused_attribution_supported,
-    global_max,
     global_sum_count,
     is_fsdp,
     prepare_reference_model,
     rank_slice,
+    reduce_batch_stats,
     separate_attribution,
     unwrapped_for_generation,
     zero_stage,
@@ -328,7 +328,8 @@ class TIDPOTrainer(Trainer):
             "train": defaultdict(list),
             "eval": defaultdict(list),
         }
-        self._nonfinite_skipped = 0
+        self._nonfinite_skipped = 0  # batches this rank skipped
+        self._skipped_total = 0.0  # batches skipped on any rank (skip_nonfinite_batches)
         self._eval_prefix = "eval"
         # skip_nonfinite_batches: losses of the kept training batches and skipped count since the last log,
         # and the run's (sum, count, skipped) of them.
@@ -342,6 +343,13 @@ class TIDPOTrainer(Trainer):
         self.ref_model = (
             prepare_reference_model(ref_model, self.accelerator) if ref_model is not None else None
         )
+        if args.skip_nonfinite_batches and (zero_stage(self.accelerator) == 3 or is_fsdp(self.accelerator)):
+            # A rank that skips stops mid-step, while the others' sharded forwards wait for it in gathers.
+            raise ValueError(
+                "TIDPOConfig: skip_nonfinite_batches=True cannot keep the ranks in step under DeepSpeed ZeRO-3 "
+                "or FSDP (every forward gathers weights from all ranks). Leave it False there: a non-finite "
+                "batch then stops the run naming its step and rows."
+            )
         if (
             args.uses_attribution
             and args.attribution_pass == "fused"
@@ -835,15 +843,25 @@ class TIDPOTrainer(Trainer):
             loss = sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
             metrics = {}
         mode = "train" if model.training else "eval"
+        if self.args.skip_nonfinite_batches:
+            skipped_here = float(skipped)
+            if self.accelerator.num_processes > 1:
+                # The ranks must make the same collectives below: a batch skipped on any rank logs no
+                # metrics on any.
+                flag = torch.tensor([skipped_here], device=self.accelerator.device)
+                skipped_here = float(self.accelerator.reduce(flag, reduction="sum"))
+                if skipped_here > 0:
+                    metrics = {}
+            self._skipped_total += skipped_here  # over all ranks: every rank logs the same count
         if mode == "train" and self.args.skip_nonfinite_batches:  # for `_loss_without_skipped`
             if skipped:
                 self._skipped_in_window += 1
             else:
                 self._kept_losses.append(float(loss.detach()))
-        for key, value in metrics.items():
+        for key, value in reduce_batch_stats(self.accelerator, metrics, _MAX_METRICS).items():
             self._metrics[mode][key].append(value)
         if self.args.skip_nonfinite_batches:  # the running total (a max over the window)
-            self._metrics[mode]["nonfinite/skipped"].append((float(self._nonfinite_skipped), 1.0))
+            self._metrics[mode]["nonfinite/skipped"].append((self._skipped_total, 1.0))
         return (loss, {}) if return_outputs else loss
 
     def _policy_forward(
@@ -1166,7 +1184,7 @@ class TIDPOTrainer(Trainer):
         check_finite("per-pair loss", losses.detach(), rows=pair_ids, step=step)
         loss = losses.mean()
 
-        metrics: dict[str, tuple[float, float]] = {}
+        metrics: dict[str, torch.Tensor] = {}  # this rank's stats, reduced in `compute_loss`
         if args.uses_triplet:
             b, b_mask = pack_to_response_start(c_lr, c_mask)
             c, c_mask_p = pack_to_response_start(r_lr, r_mask)
@@ -1200,9 +1218,12 @@ class TIDPOTrainer(Trainer):
 
     # ------------------------------------------------------------------ metrics
 
-    def _gather_mean(self, values: torch.Tensor) -> tuple[float, float]:
-        # (sum, count) over every rank; `log` divides a window's sums by its counts (`window_metrics`).
-        return global_sum_count(self.accelerator, values)
+    @staticmethod
+    def _gather_mean(values: torch.Tensor) -> torch.Tensor:
+        # This rank's [sum, count]; `compute_loss` sums them over the ranks (`reduce_batch_stats`) and
+        # `log` divides a window's sums by its counts (`window_metrics`).
+        values = values.detach().float().reshape(-1)
+        return torch.stack([values.sum(), values.new_tensor(float(values.numel()))])
 
     def _pair_metrics(self, chosen_rewards, rejected_rewards, policy_logps, logits, cmask, n_pairs):
         with torch.no_grad():
@@ -1224,7 +1245,7 @@ class TIDPOTrainer(Trainer):
             "logits/rejected": self._gather_mean(mean_logits[n_pairs:]),
         }
 
-    def _weight_metrics(self, weights: torch.Tensor, cmask: torch.Tensor) -> dict[str, tuple[float, float]]:
+    def _weight_metrics(self, weights: torch.Tensor, cmask: torch.Tensor) -> dict[str, torch.Tensor]:
         with torch.no_grad():
             w = weights[cmask].float()
             # Entropy (nats) of each row's weights read as a distribution over its response tokens.
@@ -1233,7 +1254,7 @@ class TIDPOTrainer(Trainer):
         return {
             "weights/mean": self._gather_mean(w),
             "weights/_sq": self._gather_mean(w * w),  # with the mean, the pooled std (window_metrics)
-            "weights/max": (global_max(self.accelerator, w), 1.0),
+            "weights/max": w.max() if w.numel() else w.new_tensor(float("-inf")),
             "weights/entropy": self._gather_mean(entropy),
         }
 
