@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import typing
@@ -276,7 +277,26 @@ def _relaunch_with_accelerate(
         cmd += ["--multi_gpu", "--main_process_port", "0"]
     cmd += ["-m", "tidpo.cli", "train", *forwarded]
     print("tidpo: relaunching under accelerate:", " ".join(cmd), flush=True)
-    return subprocess.call(cmd)
+    launcher = subprocess.Popen(cmd)
+    try:
+        return launcher.wait()
+    except KeyboardInterrupt:
+        # Ctrl-C reached the launcher too (same process group): it stops its workers, which run in their
+        # own sessions, so killing it now would leave them training. Give it time, then ask it with
+        # SIGTERM (a second SIGINT could cut its shutdown short), and only then kill it.
+        print("tidpo: interrupted; waiting for the workers to stop...", file=sys.stderr, flush=True)
+        for sig, timeout in ((None, 15), (signal.SIGTERM, 45)):
+            if sig is not None:
+                launcher.send_signal(sig)
+            try:
+                launcher.wait(timeout=timeout)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        else:
+            launcher.kill()
+            launcher.wait()
+        return 130
 
 
 def _check_script_args(script: ScriptArguments) -> None:
