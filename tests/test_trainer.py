@@ -618,3 +618,32 @@ def test_bf16_mixed_precision_trains_and_starts_at_zero_kl(
     assert first["kl/chosen"] == 0.0 and first["kl/rejected"] == 0.0
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert first["weights/std"] > 0
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_non_finite_gradients_behind_a_finite_loss_never_reach_the_weights(
+    tmp_path, tiny_tok, tiny_llama, pairs_dataset, skip
+):
+    """Per-token weights of 3e38: at step 0 the log-ratios are 0, so the loss is log 2, but the
+    gradients overflow. The step stops the run (or, with skip_nonfinite_batches, is not applied)."""
+    args = make_config(
+        tmp_path,
+        importance_mode="dataset",
+        gamma=0.0,
+        tdpo_alpha=0.0,
+        max_steps=1,
+        skip_nonfinite_batches=skip,
+    )
+    trainer = TIDPOTrainer(tiny_llama, args=args, train_dataset=pairs_dataset, processing_class=tiny_tok)
+    ds = trainer.train_dataset
+    ds = ds.add_column("chosen_weights", [[3e38] * len(r) for r in ds["chosen_input_ids"]])
+    ds = ds.add_column("rejected_weights", [[1.0] * len(r) for r in ds["rejected_input_ids"]])
+    trainer.train_dataset = ds
+    if not skip:
+        with pytest.raises(FloatingPointError, match="gradient norm is nan at step 0"):
+            trainer.train()
+        return
+    with pytest.warns(UserWarning, match="step skipped"):
+        trainer.train()
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    assert trainer.state.log_history[0]["nonfinite/skipped"] == 1.0

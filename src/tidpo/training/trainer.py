@@ -1209,6 +1209,27 @@ class TIDPOTrainer(Trainer):
             metrics.update(self._weight_metrics(weights, cmask))
         return loss, metrics
 
+    def _get_grad_norm(self, model, grad_norm=None):
+        # `Trainer` computes the norm (clipping) right before the optimizer step: a finite loss whose
+        # gradients hold NaN/Inf (e.g. huge per-token weights) must not reach the weights either.
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        if grad_norm is None or math.isfinite(float(grad_norm)):
+            return grad_norm
+        message = (
+            f"the gradient norm is {float(grad_norm)} at step {self.state.global_step} (0-based optimizer "
+            "step): the loss was finite but its gradients hold NaN/Inf (e.g. huge per-token weights or "
+            "reference log-probs in the data)"
+        )
+        if not self.args.skip_nonfinite_batches:
+            raise NonFiniteError(f"{message}; the step was not applied, saved checkpoints are untouched.")
+        warnings.warn(
+            f"{message} -- step skipped (skip_nonfinite_batches=True): gradients zeroed.", stacklevel=2
+        )
+        model.zero_grad(set_to_none=False)
+        self._nonfinite_skipped += 1
+        self._skipped_total += 1
+        return grad_norm
+
     # ------------------------------------------------------------------ checkpoints
 
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
@@ -1294,6 +1315,8 @@ class TIDPOTrainer(Trainer):
         # The end-of-training summary (train_runtime, train_loss) covers the run, not the steps since the
         # last log: their metrics are left out of it, as `Trainer` leaves out their loss.
         metrics = {} if "train_runtime" in logs else window_metrics(self._metrics[mode])
+        if mode == "train" and metrics and self.args.skip_nonfinite_batches:
+            metrics["nonfinite/skipped"] = self._skipped_total  # steps skipped after their batches too
         if mode == "eval":
             metrics = {f"{self._eval_prefix}_{key}": value for key, value in metrics.items()}
         logs.update(metrics)
