@@ -327,7 +327,8 @@ def test_a_fresh_run_never_mixes_with_an_earlier_one_in_output_dir(model_dir, tm
     assert "--resume" in line and "--overwrite_output_dir true" in line
     # Without a complete checkpoint, --resume would start afresh on top of the old files: refused too.
     (out / "checkpoint-1" / "trainer_state.json").unlink()
-    expect_error([*argv_for(model_dir, data, tmp_path), "--resume"], capsys, "no complete checkpoint")
+    line = expect_error([*argv_for(model_dir, data, tmp_path), "--resume"], capsys, "no complete checkpoint")
+    assert "Pass --resume" not in line and "To start afresh there" in line
     code, stdout, err = cli(argv_for(model_dir, data, tmp_path, overwrite_output_dir="true"), capsys)
     assert code == 0, err
     assert "deleting the earlier run" in stdout and "adapter_model.safetensors" in stdout
@@ -348,6 +349,18 @@ def test_overwrite_deletes_nothing_before_the_data_and_model_have_loaded(model_d
     argv = train_argv(model_dir, data, model_dir, max_steps=1, overwrite_output_dir="true")
     expect_error(argv, capsys, "is the --model folder")
     assert (model_dir / "model.safetensors").exists()
+
+
+def test_resume_says_when_there_is_nothing_to_resume_or_nothing_left(model_dir, tmp_path, capsys):
+    data = data_file(tmp_path, PAIRS)
+    code, stdout, err = cli([*argv_for(model_dir, data, tmp_path), "--resume"], capsys)
+    assert code == 0, err
+    assert "--resume: no checkpoint in" in stdout and "starting afresh" in stdout
+    argv = argv_for(model_dir, data, tmp_path / "done", max_steps=2, save_strategy="steps", save_steps=2)
+    code, _, err = cli(argv, capsys)
+    assert code == 0, err
+    # Resuming the finished run: Trainer would take a step past max_steps; refused instead.
+    expect_error([*argv, "--resume"], capsys, "is at step 2, already max_steps=2")
 
 
 def test_resume_from_checkpoint_is_read_as_resume(model_dir, tmp_path, capsys):

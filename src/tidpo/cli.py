@@ -380,11 +380,12 @@ def _check_output_dir(script: ScriptArguments, output_dir: str, why: str | None)
             )
     found = _earlier_run(output_dir) if why else []
     if found and not script.overwrite_output_dir:
-        raise CLIError(
-            f"--output_dir {output_dir} holds an earlier run ({_names(found)}) and {why}. Pass --resume to "
-            "continue it, choose another --output_dir, or pass --overwrite_output_dir true to delete those "
-            "files first."
-        )
+        how = "choose another --output_dir, or pass --overwrite_output_dir true to delete those files first."
+        if why == "this run starts afresh":
+            how = "Pass --resume to continue it, " + how
+        else:
+            how = "To start afresh there, " + how
+        raise CLIError(f"--output_dir {output_dir} holds an earlier run ({_names(found)}) and {why}. {how}")
 
 
 def _delete_earlier_run(output_dir: str) -> None:
@@ -462,6 +463,16 @@ def train(argv: list[str]) -> int:
     if checkpoint is None:
         afresh = "--resume found no complete checkpoint in it" if resume else "this run starts afresh"
     _check_output_dir(script, config.output_dir, afresh)
+    if resume and checkpoint is None:
+        print(f"tidpo: --resume: no checkpoint in {config.output_dir}; starting afresh.", flush=True)
+    if checkpoint is not None and config.max_steps > 0:
+        state_file = Path(checkpoint) / "trainer_state.json"
+        done = json.loads(state_file.read_text()).get("global_step", 0) if state_file.is_file() else 0
+        if done >= config.max_steps:  # Trainer would still take one more step
+            raise CLIError(
+                f"{checkpoint} is at step {done}, already max_steps={config.max_steps}: nothing is left to "
+                "train. Raise --max_steps to train further."
+            )
 
     model_kwargs = dict(config.model_init_kwargs or {})
     model_kwargs.setdefault("dtype", script.dtype)
