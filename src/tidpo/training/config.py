@@ -151,10 +151,13 @@ class TIDPOConfig(TrainingArguments):
         > Safety
 
         skip_nonfinite_batches (`bool`, defaults to `False`):
-            By default a NaN/Inf in log-probs, weights or the loss stops the run with a message naming the
-            step and rows. When True such a batch contributes a zero gradient, is counted in the logs
-            (`nonfinite/skipped`) and warned about. The optimizer still steps, so momentum and weight
-            decay still move the weights on that step.
+            By default a NaN/Inf in log-probs, weights or the loss, or in the gradients of a finite loss
+            (their norm, checked before each optimizer step), stops the run with a message naming the step
+            (and the rows). When True such a batch contributes a zero gradient (such a step: all gradients
+            zeroed), is counted in the logs (`nonfinite/skipped`, a running total over all ranks) and warned
+            about, and its loss is left out of the logged loss. The optimizer still steps, so momentum and
+            weight decay still move the weights on that step. Under DDP the ranks agree on a skip; not
+            available under ZeRO-3 / FSDP (their sharded forwards cannot skip out of step).
         logits_chunk_size (`int`, defaults to `1024`):
             Rows of [rows, vocab] logits processed at once by the chunked log-prob and KL kernels; bounds
             the float32 working memory.
