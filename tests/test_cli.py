@@ -349,6 +349,16 @@ def test_overwrite_deletes_nothing_before_the_data_and_model_have_loaded(model_d
     argv = train_argv(model_dir, data, model_dir, max_steps=1, overwrite_output_dir="true")
     expect_error(argv, capsys, "is the --model folder")
     assert (model_dir / "model.safetensors").exists()
+    # A model that is part of the earlier run (its checkpoint) would be deleted: refused too.
+    code, _, err = cli(
+        argv_for(model_dir, data, tmp_path, save_strategy="steps", save_steps=1, overwrite_output_dir="true"),
+        capsys,
+    )
+    assert code == 0, err
+    checkpoint = out / "checkpoint-1"
+    argv = train_argv(checkpoint, data, out, max_steps=1, overwrite_output_dir="true")
+    expect_error(argv, capsys, f"--model {checkpoint} is part of the earlier run", "checkpoint-1")
+    assert (checkpoint / "model.safetensors").exists()
 
 
 def test_resume_says_when_there_is_nothing_to_resume_or_nothing_left(model_dir, tmp_path, capsys):
@@ -457,6 +467,9 @@ def test_skip_nonfinite_batches_skips_and_counts_them(nan_model_dir, tmp_path, c
         max_steps=2,
         gamma=0.0,
         skip_nonfinite_batches="true",
+        eval_data=str(data_file(tmp_path, PAIRS[:5], "clean.jsonl")),
+        eval_strategy="steps",
+        eval_steps=1,
     )
     with pytest.warns(UserWarning, match=r"row ids \[5\].*batch skipped"):
         code, _out, err = cli(argv, capsys)
@@ -465,6 +478,7 @@ def test_skip_nonfinite_batches_skips_and_counts_them(nan_model_dir, tmp_path, c
     steps = [h for h in state["log_history"] if "nonfinite/skipped" in h]
     assert [h["nonfinite/skipped"] for h in steps][-1] == 1.0
     assert len(steps) == 2
+    assert not [h for h in state["log_history"] if "eval_nonfinite/skipped" in h]  # a training count
     # The skipped step logs no loss (NaN, not the zero that only carried its zero gradient), and the run's
     # train_loss is the other step's.
     losses = [h["loss"] for h in steps]
@@ -570,3 +584,16 @@ def test_with_load_best_model_at_end_the_final_eval_is_the_saved_models(model_di
     at_best = next(h for h in state["log_history"] if "eval_loss" in h and h["step"] == best_step)
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["eval"]["eval_loss"] == at_best["eval_loss"] == state["best_metric"]
+
+
+@pytest.mark.parametrize(
+    ("judge", "fragment"), [("os:nosuch", "has no attribute 'nosuch'"), ("nosuchmod:f", "nosuchmod")]
+)
+def test_eval_judge_paths_that_do_not_resolve_are_one_line_errors(
+    model_dir, tmp_path, capsys, judge, fragment
+):
+    data = data_file(tmp_path, PAIRS)
+    argv = ["eval", "--model", str(model_dir), "--reference", str(model_dir), "--data", str(data)]
+    expect_error(
+        [*argv, "--judge", judge, "--out", str(tmp_path / "e")], capsys, f"--judge {judge}: ", fragment
+    )

@@ -342,7 +342,16 @@ def test_trainer_step_equals_the_full_row_layouts(
             )
 
 
-def _shared_step(trainer, weights: bool = False):
+def _ramp_weights(ds):
+    """Dataset-mode weights: a different weight per token, aligned with each full row."""
+    for side in ("chosen", "rejected"):
+        ds = ds.add_column(
+            f"{side}_weights", [[1.0 + 0.1 * i for i in range(len(r))] for r in ds[f"{side}_input_ids"]]
+        )
+    return ds
+
+
+def _shared_step(trainer):
     """Train-mode loss, gradients and metrics, eval-mode loss, and whether share_prompt served them."""
     used = []
     choose = trainer._shared_prompt
@@ -353,13 +362,6 @@ def _shared_step(trainer, weights: bool = False):
         return shared
 
     trainer._shared_prompt = record
-    if weights:  # dataset-mode weights: a different weight per token, aligned with each full row
-        ds = trainer.train_dataset
-        for side in ("chosen", "rejected"):
-            ds = ds.add_column(
-                f"{side}_weights", [[1.0 + 0.1 * i for i in range(len(r))] for r in ds[f"{side}_input_ids"]]
-            )
-        trainer.train_dataset = ds
     with torch.no_grad():
         for p in trainer.model.parameters():
             p.add_(0.05 * torch.randn_like(p, generator=torch.Generator().manual_seed(4)))
@@ -397,10 +399,13 @@ def test_share_prompt_gives_every_loss_the_full_rows_result(
     results = {}
     for share in (None, False):
         args = make_config(tmp_path, share_prompt=share, **overrides)
+        train = pairs_dataset
+        if overrides.get("importance_mode") == "dataset":
+            train = _ramp_weights(TIDPOTrainer.prepare_dataset(pairs_dataset, tiny_tok, args))
         trainer = TIDPOTrainer(
-            copy.deepcopy(tiny_llama), args=args, train_dataset=pairs_dataset, processing_class=tiny_tok
+            copy.deepcopy(tiny_llama), args=args, train_dataset=train, processing_class=tiny_tok
         )
-        results[share] = _shared_step(trainer, weights=overrides.get("importance_mode") == "dataset")
+        results[share] = _shared_step(trainer)
     fast, slow = results[None], results[False]
     assert fast[4] == [True, True] and slow[4] == [False, False]
     assert fast[0] == pytest.approx(slow[0], rel=1e-5)

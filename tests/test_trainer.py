@@ -106,13 +106,22 @@ def test_every_importance_mode_trains(tmp_path, tiny_tok, tiny_llama, pairs_data
         assert logs[-1]["weights/std"] > 0
 
 
+def weighted(ds, chosen: float, rejected: float):
+    """A tokenised dataset with constant per-token weights (importance_mode='dataset')."""
+    ds = ds.add_column("chosen_weights", [[chosen] * len(r) for r in ds["chosen_input_ids"]])
+    return ds.add_column("rejected_weights", [[rejected] * len(r) for r in ds["rejected_input_ids"]])
+
+
 def test_dataset_weights_mode(tmp_path, tiny_tok, tiny_llama, pairs_dataset):
     args = make_config(tmp_path, importance_mode="dataset", gamma=0.0, tdpo_alpha=0.0, max_steps=1)
-    trainer = TIDPOTrainer(tiny_llama, args=args, train_dataset=pairs_dataset, processing_class=tiny_tok)
-    ds = trainer.train_dataset
-    ds = ds.add_column("chosen_weights", [[2.0] * len(r) for r in ds["chosen_input_ids"]])
-    ds = ds.add_column("rejected_weights", [[2.0] * len(r) for r in ds["rejected_input_ids"]])
-    trainer.train_dataset = ds
+    with pytest.raises(ValueError, match="train_dataset has no 'chosen_weights'"):
+        TIDPOTrainer(tiny_llama, args=args, train_dataset=pairs_dataset, processing_class=tiny_tok)
+    ds = weighted(TIDPOTrainer.prepare_dataset(pairs_dataset, tiny_tok, args), 2.0, 2.0)
+    with pytest.raises(ValueError, match="eval_dataset has no 'chosen_weights'"):  # before any training
+        TIDPOTrainer(
+            tiny_llama, args=args, train_dataset=ds, eval_dataset=pairs_dataset, processing_class=tiny_tok
+        )
+    trainer = TIDPOTrainer(tiny_llama, args=args, train_dataset=ds, processing_class=tiny_tok)
     trainer.train()
     assert trainer.state.log_history[0]["weights/mean"] == pytest.approx(2.0)
 
@@ -634,11 +643,8 @@ def test_non_finite_gradients_behind_a_finite_loss_never_reach_the_weights(
         max_steps=1,
         skip_nonfinite_batches=skip,
     )
-    trainer = TIDPOTrainer(tiny_llama, args=args, train_dataset=pairs_dataset, processing_class=tiny_tok)
-    ds = trainer.train_dataset
-    ds = ds.add_column("chosen_weights", [[3e38] * len(r) for r in ds["chosen_input_ids"]])
-    ds = ds.add_column("rejected_weights", [[1.0] * len(r) for r in ds["rejected_input_ids"]])
-    trainer.train_dataset = ds
+    ds = weighted(TIDPOTrainer.prepare_dataset(pairs_dataset, tiny_tok, args), 3e38, 1.0)
+    trainer = TIDPOTrainer(tiny_llama, args=args, train_dataset=ds, processing_class=tiny_tok)
     if not skip:
         with pytest.raises(FloatingPointError, match="gradient norm is nan at step 0"):
             trainer.train()

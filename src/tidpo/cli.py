@@ -379,6 +379,19 @@ def _check_output_dir(script: ScriptArguments, output_dir: str, why: str | None)
                 "--overwrite_output_dir delete) the model it loads. Choose another --output_dir."
             )
     found = _earlier_run(output_dir) if why else []
+    for option, model in (("model", script.model), ("ref_model", script.ref_model)):
+        inside = [
+            f
+            for f in found
+            if model
+            and Path(model).exists()
+            and f.resolve() in (Path(model).resolve(), *Path(model).resolve().parents)
+        ]
+        if inside:
+            raise CLIError(
+                f"--{option} {model} is part of the earlier run in --output_dir {output_dir} ({inside[0].name}), "
+                "which this run would replace. Choose another --output_dir (or copy the model out first)."
+            )
     if found and not script.overwrite_output_dir:
         how = "choose another --output_dir, or pass --overwrite_output_dir true to delete those files first."
         if why == "this run starts afresh":
@@ -635,6 +648,13 @@ def _eval(argv: list[str]) -> int:
     a = parser.parse_args(argv)
     _check_model_path(a.model, "model")
     _check_model_path(a.reference, "reference")
+    if a.judge is not None:
+        from tidpo.judges import get_judge
+
+        try:  # a 'module:function' path that does not import or resolve: say so in one line
+            get_judge(a.judge)
+        except (ImportError, AttributeError, TypeError) as err:
+            raise CLIError(f"--judge {a.judge}: {err}") from err
     from tidpo.evaluation.evaluate import run_eval
 
     run_eval(

@@ -311,6 +311,18 @@ class TIDPOTrainer(Trainer):
                 }
             elif eval_dataset is not None:
                 eval_dataset = self.prepare_dataset(eval_dataset, processing_class, args)
+        if args.effective_importance_mode == "dataset":  # fail now, not at the first evaluation
+            named = {"train_dataset": train_dataset}
+            if isinstance(eval_dataset, dict):
+                named.update({f"eval_dataset[{k!r}]": v for k, v in eval_dataset.items()})
+            elif eval_dataset is not None:
+                named["eval_dataset"] = eval_dataset
+            for name, data in named.items():
+                if "chosen_weights" not in data.column_names:
+                    raise ValueError(
+                        f"TIDPOTrainer: importance_mode='dataset' needs per-token weights, and {name} has no "
+                        "'chosen_weights'/'rejected_weights' columns (one float per response token)."
+                    )
 
         super().__init__(
             model=model,
@@ -860,7 +872,7 @@ class TIDPOTrainer(Trainer):
                 self._kept_losses.append(float(loss.detach()))
         for key, value in reduce_batch_stats(self.accelerator, metrics, _MAX_METRICS).items():
             self._metrics[mode][key].append(value)
-        if self.args.skip_nonfinite_batches:  # the running total (a max over the window)
+        if self.args.skip_nonfinite_batches and mode == "train":  # the running total (a max over the window)
             self._metrics[mode]["nonfinite/skipped"].append((self._skipped_total, 1.0))
         return (loss, {}) if return_outputs else loss
 
