@@ -653,3 +653,8 @@ def test_non_finite_gradients_behind_a_finite_loss_never_reach_the_weights(
         trainer.train()
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
     assert trainer.state.log_history[0]["nonfinite/skipped"] == 1.0
+
+
+def test_gamma_given_to_a_baseline_is_warned_about(tmp_path):
+    with pytest.warns(UserWarning, match=r"gamma=1.0 is the triplet weight.*simpo_gamma"):
+        TIDPOConfig(output_dir=str(tmp_path), loss_type="simpo", gamma=1.0)

@@ -7,6 +7,7 @@ sigma = n/4) and, where the paper is silent, the authors' code (lr 5e-6, max_len
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
@@ -270,6 +271,14 @@ class TIDPOConfig(TrainingArguments):
             raise bad("sigma_div", self.sigma_div, "a number > 0")
         if not self.gamma >= 0:
             raise bad("gamma", self.gamma, "a number >= 0 (0 disables the triplet term)")
+        if self.loss_type != "ti_dpo" and self.gamma not in (0.0, 0.1):  # 0.1: the default, left alone
+            hint = " (SimPO's target margin is simpo_gamma)" if self.loss_type == "simpo" else ""
+            warnings.warn(
+                f"TIDPOConfig: gamma={self.gamma} is the triplet weight of loss_type='ti_dpo'; "
+                f"loss_type={self.loss_type!r} does not use it{hint}.",
+                UserWarning,
+                stacklevel=3,
+            )
         if not self.tdpo_alpha >= 0:
             raise bad("tdpo_alpha", self.tdpo_alpha, "a number >= 0 (0 disables the sequential KL)")
         if not self.triplet_margin >= 0:
