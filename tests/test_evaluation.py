@@ -223,25 +223,10 @@ def test_run_eval_truncates_as_the_training_run_and_checks_cheap_inputs_first(tm
 
     module = sys.modules[run_eval.__module__]  # the package re-exports the function under the same name
     monkeypatch.setattr(module, "evaluate", spy)
-    run_eval(
-        str(tmp_path / "policy"),
-        str(tmp_path / "ref"),
-        str(data),
-        None,
-        str(tmp_path / "o"),
-        max_new_tokens=2,
-    )
+    folders = (str(tmp_path / "policy"), str(tmp_path / "ref"), str(data), None, str(tmp_path / "o"))
+    run_eval(*folders, max_new_tokens=2)
     assert (seen["max_length"], seen["max_prompt_length"]) == (40, 3)
-    run_eval(
-        str(tmp_path / "policy"),
-        str(tmp_path / "ref"),
-        str(data),
-        None,
-        str(tmp_path / "o"),
-        max_new_tokens=2,
-        max_length=64,
-        max_prompt_length=None,
-    )
+    run_eval(*folders, max_new_tokens=2, max_length=64, max_prompt_length=None)
     assert (seen["max_length"], seen["max_prompt_length"]) == (64, 3)  # given wins; None: the run's
 
     # A bad judge or data file fails before any model is loaded.
