@@ -486,11 +486,16 @@ class TIDPOTrainer(Trainer):
                 return ref(**kwargs).logits
             decoder, head = decoder_and_head(ref)
             device_type = head.weight.device.type
-            dtype = self._autocast_dtype(device_type)
             # The decoder is called directly, outside the forward that accelerate wraps in autocast.
-            with torch.autocast(device_type, dtype=dtype) if dtype else contextlib.nullcontext():
+            with self._forward_precision(device_type):
                 hidden = decoder(**kwargs).last_hidden_state
-            return ReferenceHead(hidden, head.weight, head.bias, dtype or head.weight.dtype)
+            dtype = self._autocast_dtype(device_type) or head.weight.dtype
+            return ReferenceHead(hidden, head.weight, head.bias, dtype)
+
+    def _forward_precision(self, device_type: str) -> contextlib.AbstractContextManager:
+        """The autocast the models' forwards run under (see `_autocast_dtype`), for code outside them."""
+        dtype = self._autocast_dtype(device_type)
+        return torch.autocast(device_type, dtype=dtype) if dtype else contextlib.nullcontext()
 
     def _autocast_dtype(self, device_type: str) -> torch.dtype | None:
         """The dtype the models' matmuls run in under mixed precision, or None without it.
@@ -1054,9 +1059,7 @@ class TIDPOTrainer(Trainer):
             hidden_logits = None
             if head is not None:
                 # As the forward computed the logits: under its autocast (its outputs come back float32).
-                dtype = self._autocast_dtype(ids.device.type)
-                amp = torch.autocast(ids.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
-                with amp:
+                with self._forward_precision(ids.device.type):
                     hidden_logits = head(outputs.hidden_states[-1][rows, last])
             if hidden_logits is not None and torch.allclose(
                 hidden_logits.float(), last_logits.float(), rtol=1e-3, atol=1e-3
@@ -1238,8 +1241,8 @@ class TIDPOTrainer(Trainer):
             f"{message} -- step skipped (skip_nonfinite_batches=True): gradients zeroed.", stacklevel=2
         )
         model.zero_grad(set_to_none=False)
-        self._nonfinite_skipped += 1
         self._skipped_total += 1
+        self._metrics["train"]["nonfinite/skipped"].append((self._skipped_total, 1.0))
         return grad_norm
 
     # ------------------------------------------------------------------ checkpoints
@@ -1327,8 +1330,6 @@ class TIDPOTrainer(Trainer):
         # The end-of-training summary (train_runtime, train_loss) covers the run, not the steps since the
         # last log: their metrics are left out of it, as `Trainer` leaves out their loss.
         metrics = {} if "train_runtime" in logs else window_metrics(self._metrics[mode])
-        if mode == "train" and metrics and self.args.skip_nonfinite_batches:
-            metrics["nonfinite/skipped"] = self._skipped_total  # steps skipped after their batches too
         if mode == "eval":
             metrics = {f"{self._eval_prefix}_{key}": value for key, value in metrics.items()}
         logs.update(metrics)
