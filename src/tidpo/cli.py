@@ -16,7 +16,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import typing
@@ -285,17 +284,15 @@ def _relaunch_with_accelerate(
         # own sessions, so killing it now would leave them training. Give it time, then ask it with
         # SIGTERM (a second SIGINT could cut its shutdown short), and only then kill it.
         print("tidpo: interrupted; waiting for the workers to stop...", file=sys.stderr, flush=True)
-        for sig, timeout in ((None, 15), (signal.SIGTERM, 45)):
-            if sig is not None:
-                launcher.send_signal(sig)
+        try:
+            launcher.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            launcher.terminate()
             try:
-                launcher.wait(timeout=timeout)
-                break
+                launcher.wait(timeout=45)
             except subprocess.TimeoutExpired:
-                continue
-        else:
-            launcher.kill()
-            launcher.wait()
+                launcher.kill()
+                launcher.wait()
         return 130
 
 
@@ -372,21 +369,17 @@ def _check_output_dir(script: ScriptArguments, output_dir: str, why: str | None)
     afresh) on top of an earlier run unless ``--overwrite_output_dir`` (which :func:`_delete_earlier_run`
     then honours, once the data and the model have loaded)."""
     out = Path(output_dir).resolve()
+    found = _earlier_run(output_dir) if why else []
     for option, model in (("model", script.model), ("ref_model", script.ref_model)):
-        if model and Path(model).is_dir() and Path(model).resolve() == out:
+        if not model or not Path(model).exists():
+            continue  # a built-in name or a Hub id
+        path = Path(model).resolve()
+        if path == out:
             raise CLIError(
                 f"--output_dir {output_dir} is the --{option} folder: the run would write over (or with "
                 "--overwrite_output_dir delete) the model it loads. Choose another --output_dir."
             )
-    found = _earlier_run(output_dir) if why else []
-    for option, model in (("model", script.model), ("ref_model", script.ref_model)):
-        inside = [
-            f
-            for f in found
-            if model
-            and Path(model).exists()
-            and f.resolve() in (Path(model).resolve(), *Path(model).resolve().parents)
-        ]
+        inside = [f for f in found if f.resolve() in (path, *path.parents)]
         if inside:
             raise CLIError(
                 f"--{option} {model} is part of the earlier run in --output_dir {output_dir} ({inside[0].name}), "
