@@ -241,7 +241,8 @@ def evaluate(
         policy, reference: causal LMs sharing ``tokenizer``. ``reference=None`` with a PEFT policy
             uses the policy with its adapters disabled (the LoRA reference).
         data: anything ``tidpo.data.prepare_preference_dataset`` takes (a file path, a Dataset, a
-            list of row dicts); tokenised exactly as for training.
+            list of row dicts); tokenised exactly as for training. Rows it already prepared pass as they
+            are (``max_length`` / ``max_prompt_length`` then do not apply).
         judge: a judge name, ``"module:function"`` path or callable (see ``tidpo.judges``); without
             one the ``judge/*`` metrics are left out.
         beta: the DPO beta of the implicit reward.
@@ -277,8 +278,13 @@ def evaluate(
         raise ValueError(f"evaluate: beta must be > 0, got {beta}")
     judge_fn = get_judge(judge) if judge is not None else None  # fail on a bad name before any work
     ensure_pad_token(tokenizer)
-    dataset = prepare_preference_dataset(
-        data, tokenizer, max_length=max_length, max_prompt_length=max_prompt_length
+    prepared = hasattr(data, "column_names") and "chosen_input_ids" in data.column_names
+    dataset = (
+        data
+        if prepared
+        else prepare_preference_dataset(
+            data, tokenizer, max_length=max_length, max_prompt_length=max_prompt_length
+        )
     )
     if num_pairs is not None:
         if num_pairs < 1:
@@ -505,7 +511,7 @@ def run_eval(
     # The judge and the data first: a typo fails in seconds, not after two models have loaded.
     if judge is not None:
         get_judge(judge)
-    prepare_preference_dataset(
+    data = prepare_preference_dataset(
         data,
         tokenizer,
         max_length=options.get("max_length", 512),
