@@ -66,6 +66,10 @@ CONFIGS: dict[str, tuple[dict[str, Any] | None, str]] = {
         {"loss_type": "dpo", "share_prompt": False},
         "ours, loss_type='dpo', each row forwards its prompt (share_prompt=False)",
     ),
+    "dpo_shared": (
+        {"loss_type": "dpo", "share_prompt": True},
+        "ours, loss_type='dpo', prompt forwarded once per pair (share_prompt=True; auto is off on CUDA)",
+    ),
     "ti_separate": (
         {"loss_type": "ti_dpo", "gamma": 0.0, "tdpo_alpha": 0.0, "attribution_pass": "separate"},
         "TI-DPO gamma=0 alpha=0, separate attribution pass",
@@ -125,7 +129,7 @@ CONFIGS: dict[str, tuple[dict[str, Any] | None, str]] = {
 }
 # ti_full_cache only differs from ti_full under gradient checkpointing, ti_full_apart under gradient
 # accumulation (--grad-accum): not run unless asked for.
-DEFAULT_CONFIGS = [name for name in CONFIGS if name not in ("ti_full_cache", "ti_full_apart")]
+DEFAULT_CONFIGS = [name for name in CONFIGS if name not in ("ti_full_cache", "ti_full_apart", "dpo_shared")]
 
 
 @dataclass

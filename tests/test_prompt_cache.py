@@ -563,3 +563,15 @@ def test_collated_rows_start_with_their_prompts(rows, multiple, data):
     shifted = args[1].clone()
     shifted[b] = torch.roll(shifted[b], 1)
     assert not rows_start_with_prompts(args[0], shifted, args[2], args[3])
+
+
+def test_share_prompt_auto_is_off_on_cuda_unless_checkpointing(tmp_path, tiny_tok, tiny_llama, pairs_dataset):
+    # Measured on an H200 (benchmarks/README.md, round 8): shared prompts cost a GPU more launches than
+    # they save, so `None` keeps whole rows there, except under checkpointing (memory). CPU: on.
+    for checkpointing, on_cuda in ((False, False), (True, True)):
+        args = make_config(tmp_path, gradient_checkpointing=checkpointing)
+        trainer = TIDPOTrainer(
+            copy.deepcopy(tiny_llama), args=args, train_dataset=pairs_dataset, processing_class=tiny_tok
+        )
+        assert trainer._share_prompt_pays(torch.device("cpu"))
+        assert trainer._share_prompt_pays(torch.device("cuda")) is on_cuda
