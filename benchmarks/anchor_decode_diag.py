@@ -11,6 +11,11 @@ Medians of ``--reps`` timed calls after one untimed call (which compiles on CUDA
 root::
 
     python benchmarks/anchor_decode_diag.py <arch-dir> [--rows 16] [--prompt-len 48] [--reps 5] [--bf16]
+        [--skip-generate] [--greedy] [--profile]
+
+``--greedy`` also times tidpo's loop with argmax tokens (``do_sample=False``): the difference is what
+the sampling costs per call. ``--profile`` prints torch.profiler's busiest operations (by device and by
+host time) for one call of tidpo's loop (the static cache on CUDA).
 
 ``<arch-dir>`` is a folder with a ``config.json`` (e.g. SmolLM2-135M's): random weights, since speed
 depends on the shapes only. Token 0 is the EOS, which random weights rarely produce, so every call
@@ -38,6 +43,9 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0: torch's default)")
+    parser.add_argument("--skip-generate", action="store_true", help="time tidpo's loop only")
+    parser.add_argument("--greedy", action="store_true", help="also time tidpo's loop with argmax tokens")
+    parser.add_argument("--profile", action="store_true", help="profile one call of tidpo's loop")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -80,23 +88,41 @@ def main() -> None:
 
     kw = dict(max_new_tokens=args.new, eos_token_id=0, pad_token_id=0, **settings)
     print(f"{dev}, {dtype}, {args.rows} rows x {args.prompt_len} prompt tokens, {args.new} new tokens")
-    results = {"generate, growing cache": timeit("generate, growing cache", hf)}
+    results = {}
+    if not args.skip_generate:
+        results["generate, growing cache"] = timeit("generate, growing cache", hf)
     results["tidpo loop, growing cache"] = timeit(
         "tidpo loop, growing cache", lambda: sample_completion_ids(model, ids, mask, **kw)
     )
+    cache = anchor_cache(model, length) if dev == "cuda" else None
     if dev == "cuda":
-        hf_cache = anchor_cache(model, length)
-        results["generate, static cache (compiled)"] = timeit(
-            "generate, static cache (compiled)", lambda: (hf_cache.reset(), hf(cache=hf_cache))[1]
-        )
-        cache = anchor_cache(model, length)
+        if not args.skip_generate:
+            hf_cache = anchor_cache(model, length)
+            results["generate, static cache (compiled)"] = timeit(
+                "generate, static cache (compiled)", lambda: (hf_cache.reset(), hf(cache=hf_cache))[1]
+            )
         results["tidpo loop, static cache (compiled)"] = timeit(
             "tidpo loop, static cache (compiled)",
             lambda: sample_completion_ids(model, ids, mask, static_cache=cache, **kw),
         )
-    base = results["generate, growing cache"]
+    if args.greedy:
+        label = "tidpo loop, argmax tokens" + (", static cache (compiled)" if cache is not None else "")
+        results[label] = timeit(
+            label, lambda: sample_completion_ids(model, ids, mask, static_cache=cache, do_sample=False, **kw)
+        )
+    base_label = next(iter(results))
     for label, t in results.items():
-        print(f"  {label:<50} {t / base:5.2f}x generate (growing cache)")
+        print(f"  {label:<50} {t / results[base_label]:5.2f}x {base_label}")
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev == "cuda" else [])
+        with profile(activities=activities) as prof:
+            sample_completion_ids(model, ids, mask, static_cache=cache, **kw)
+            sync()
+        table = prof.key_averages()
+        for key in (["device_time_total"] if dev == "cuda" else []) + ["cpu_time_total"]:
+            print(table.table(sort_by=key, row_limit=25, max_name_column_width=70))
 
 
 if __name__ == "__main__":

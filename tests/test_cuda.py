@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from tidpo import TIDPOConfig, TIDPOTrainer
-from tidpo.generation import anchor_cache, sample_completion_ids
+from tidpo.generation import anchor_cache, next_tokens, sample_completion_ids, sampling_distribution
 from tidpo.models import tiny_causal_lm
 from tiny_setup import CONFIGS, build, last_metrics, make_config, train_loss_and_grads
 
@@ -63,6 +63,23 @@ def test_compiled_decode_gives_the_eager_ids(tiny_tok, arch):
         torch.manual_seed(7)
         static = sample_completion_ids(model, ids, mask, max_new_tokens=20, static_cache=cache)
         assert torch.equal(static, eager), (static, eager)
+
+
+def test_draws_on_the_device_follow_the_cpu_distribution():
+    # The sampling kernels of the device (topk, the tie group's count, cumsum + searchsorted for its
+    # member, multinomial) draw from the distribution computed on the CPU, tie group cut by top-p.
+    logits = torch.full((1, 600), -3.0)
+    logits[0, 7:10] = 2.5
+    logits[0, 100:140] = 1.0
+    logits[0, 400:440] = 1.0
+    expected = sampling_distribution(logits, temperature=0.8, top_k=50, top_p=0.95)[0]
+    assert 0 < int((expected[100:140] > 0).sum() + (expected[400:440] > 0).sum()) < 80  # a cut tie
+    torch.manual_seed(0)
+    rows = logits.to(DEVICE).expand(40_000, -1)
+    draws = next_tokens(rows, do_sample=True, temperature=0.8, top_k=50, top_p=0.95).cpu()
+    freq = torch.bincount(draws, minlength=600).float() / draws.numel()
+    assert bool((freq[expected == 0] == 0).all()), "a filtered-out token was drawn"
+    assert float((freq - expected).abs().max()) < 0.012  # standard error <= 0.0025 per token
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])

@@ -98,69 +98,102 @@ def _check_sampling(
         raise ValueError(f"top_k must be >= 0 (0 disables it), got {top_k}")
 
 
-# How many candidates past top_k the fast top-k path fetches, so that tokens tied with the k-th one
-# (frequent with bf16 logits) are still all inside the window; wider ties take the full sort.
-TIE_WINDOW = 32
+def _candidates(
+    logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """The kept tokens of temperature -> top-k -> top-p sampling, without a host sync or a sort under top-k.
 
+    Returns ``(probs, ids, tied, skip)``: ``probs`` ``[B, M + 1]`` sums to 1 per row; its first ``M``
+    columns are the tokens ``ids`` ``[B, M]``, in descending order of logit, and its last column is the
+    whole tie group of the k-th largest logit (``tied``, ``[B, V]``; ``None`` without top-k), of which
+    top-p dropped the first ``skip`` ``[B, 1]`` in vocabulary order.
 
-def topk_window(device: torch.device) -> bool:
-    """Whether top-k candidates come from ``torch.topk`` over a window (CPU) or from a full sort (GPUs:
-    the sort is cheap there, and the window's tie check would cost a host sync per token)."""
-    return device.type == "cpu"
+    ``torch.topk`` gives the k largest, but generate's top-k keeps *every* token tied with the k-th (frequent
+    with bf16 logits), however many. All of them share one value, so they need no order among themselves:
+    one column holds their mass, and top-p's rule on the ascending order (where they come first) drops a
+    count of them, ``floor((1 - top_p) / q)`` for a member's probability ``q``.
+    """
+    scores = logits.float() / temperature
+    batch, vocab = scores.shape
+    top_k = top_k if top_k and top_k < vocab else None
+    top_p = top_p if top_p is not None and top_p < 1.0 else None
+    tied = None
+    n_tied = scores.new_zeros(batch, 1)
+    if top_k is not None:
+        values, ids = scores.topk(top_k, dim=-1)
+        kth = values[:, -1:]
+        tied = scores == kth
+        n_tied = tied.sum(-1, keepdim=True).float()
+        values = values.masked_fill(values == kth, float("-inf"))  # the tie group gets its own column
+        group = kth + n_tied.log()
+    else:
+        if top_p is not None:
+            values, ids = scores.sort(dim=-1, descending=True)  # the nucleus needs the whole order
+        else:
+            values, ids = scores, torch.arange(vocab, device=scores.device).expand(batch, vocab)
+        group = scores.new_full((batch, 1), float("-inf"))
+    probs = torch.cat([values, group], -1).softmax(-1)
+    skip = torch.zeros_like(n_tied)
+    if top_p is not None:
+        above, group_mass = probs[:, :-1], probs[:, -1:]
+        # generate's rule, on the ascending order (the tie group first, then the tokens above it): drop
+        # where the cumulative probability <= 1 - top_p; the most likely token always stays.
+        drop = above.flip(-1).cumsum(-1).flip(-1) + group_mass <= 1 - top_p
+        drop[:, 0] = False
+        q = group_mass / n_tied.clamp(min=1)
+        skip = torch.where(q > 0, torch.floor((1 - top_p) / q), n_tied)
+        only_group = values[:, :1] == float("-inf")  # every kept token is tied: one member must stay
+        skip = torch.minimum(skip, n_tied - only_group.float()).clamp(min=0)
+        probs = torch.cat([above.masked_fill(drop, 0.0), (n_tied - skip) * q], -1)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs, ids, tied, skip
 
 
 def sampling_distribution(
     logits: torch.Tensor, *, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The next-token distribution of temperature -> top-k -> top-p sampling, on its candidates only.
+) -> torch.Tensor:
+    """The next-token distribution of temperature -> top-k -> top-p sampling, ``[B, V]``.
 
     The same distribution as transformers' ``TemperatureLogitsWarper``, ``TopKLogitsWarper`` and
     ``TopPLogitsWarper`` applied in that order (``generate``'s order) followed by a softmax over the
     whole vocabulary: top-k keeps every token tied with the k-th largest, top-p drops, in ascending
     order, the tokens whose cumulative probability stays <= 1 - top_p and always keeps the most likely.
-    Only the columns that can be kept are returned, so sampling does not sort, softmax or draw over the
-    whole vocabulary: with top-k on, ``top_k + TIE_WINDOW`` candidates come from ``torch.topk``.
+    Where top-p drops some of several tied tokens, which ones is an order generate leaves unspecified
+    too; here the lower vocabulary ids of the k-th logit's tie group go first. :func:`next_tokens`
+    draws from it without building it (and without sorting under top-k).
 
     Args:
         logits: ``[B, V]`` next-token logits (any float dtype; computed in float32 as ``generate`` does).
         top_k: ``None`` or 0 disables it. top_p: ``None`` or 1 disables it.
-
-    Returns:
-        ``(probs, token_ids)``, both ``[B, M]``: the probability of each candidate (0 where filtered out,
-        rows sum to 1) and its vocabulary id, candidates in descending order of logit.
     """
-    scores = logits.float() / temperature
-    vocab = scores.size(-1)
-    top_k = top_k if top_k and top_k < vocab else None
-    values = ids = None
-    if top_k is not None and topk_window(scores.device):
-        window = min(vocab, top_k + TIE_WINDOW)
-        values, ids = scores.topk(window, dim=-1)
-        if window < vocab and bool((values[:, -1:] >= values[:, top_k - 1 : top_k]).any()):
-            values = ids = None  # ties with the k-th token may reach past the window
-    if values is None:
-        values, ids = scores.sort(dim=-1, descending=True)
-    if top_k is not None:
-        values = values.masked_fill(values < values[:, top_k - 1 : top_k], float("-inf"))
-    probs = values.softmax(-1)
-    if top_p is not None and top_p < 1.0:
-        # generate's rule, on the ascending order: drop where the cumulative probability <= 1 - top_p.
-        ascending = probs.flip(-1).cumsum(-1).flip(-1)
-        drop = ascending <= 1 - top_p
-        drop[:, 0] = False  # the most likely token always stays
-        probs = probs.masked_fill(drop, 0.0)
-        probs = probs / probs.sum(-1, keepdim=True)
-    return probs, ids
+    probs, ids, tied, skip = _candidates(logits, temperature, top_k, top_p)
+    full = torch.zeros(logits.shape, dtype=probs.dtype, device=probs.device)
+    full.scatter_add_(-1, ids, probs[:, :-1])
+    if tied is not None:
+        kept = tied & (tied.cumsum(-1) > skip)  # ranks 1..n in vocabulary order; the first `skip` go
+        full += kept * (probs[:, -1:] / kept.sum(-1, keepdim=True).clamp(min=1))
+    return full
 
 
 def next_tokens(
     logits: torch.Tensor, *, do_sample: bool, temperature: float, top_k: int | None, top_p: float | None
 ) -> torch.Tensor:
-    """One token per row (``[B]``): a draw from :func:`sampling_distribution`, or the argmax."""
+    """One token per row (``[B]``): a draw from :func:`sampling_distribution`, or the argmax.
+
+    No host sync (a GPU decode loop keeps queueing work) and, under top-k, no sort of the vocabulary.
+    """
     if not do_sample:
         return logits.argmax(-1)
-    probs, ids = sampling_distribution(logits, temperature=temperature, top_k=top_k, top_p=top_p)
-    return ids.gather(-1, torch.multinomial(probs, 1)).squeeze(-1)
+    probs, ids, tied, skip = _candidates(logits, temperature, top_k, top_p)
+    column = torch.multinomial(probs, 1)
+    token = ids.gather(-1, column.clamp(max=ids.shape[1] - 1))
+    if tied is not None:
+        # The tie group's column: one of its kept members, uniformly, found by rank in vocabulary order.
+        kept = tied.sum(-1, keepdim=True) - skip
+        rank = skip + torch.floor(torch.rand_like(skip) * kept).clamp(max=kept - 1) + 1
+        member = torch.searchsorted(tied.cumsum(-1), rank.long())
+        token = torch.where(column == ids.shape[1], member, token)
+    return token.squeeze(-1)
 
 
 def _eos_list(eos_token_id: int | list[int] | None) -> list[int]:
