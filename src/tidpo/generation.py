@@ -103,10 +103,11 @@ def _candidates(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """The kept tokens of temperature -> top-k -> top-p sampling, without a host sync or a sort under top-k.
 
-    Returns ``(probs, ids, tied, skip)``: ``probs`` ``[B, M + 1]`` sums to 1 per row; its first ``M``
+    Returns ``(probs, ids, ranks, skip)``: ``probs`` ``[B, M + 1]`` sums to 1 per row; its first ``M``
     columns are the tokens ``ids`` ``[B, M]``, in descending order of logit, and its last column is the
-    whole tie group of the k-th largest logit (``tied``, ``[B, V]``; ``None`` without top-k), of which
-    top-p dropped the first ``skip`` ``[B, 1]`` in vocabulary order.
+    whole tie group of the k-th largest logit, of which top-p dropped the first ``skip`` ``[B, 1]`` in
+    vocabulary order. ``ranks`` ``[B, V]`` counts the group's members up to each vocabulary id (its last
+    column is the group's size; ``None`` without top-k).
 
     ``torch.topk`` gives the k largest, but generate's top-k keeps *every* token tied with the k-th (frequent
     with bf16 logits), however many. All of them share one value, so they need no order among themselves:
@@ -117,13 +118,13 @@ def _candidates(
     batch, vocab = scores.shape
     top_k = top_k if top_k and top_k < vocab else None
     top_p = top_p if top_p is not None and top_p < 1.0 else None
-    tied = None
+    ranks = None
     n_tied = scores.new_zeros(batch, 1)
     if top_k is not None:
         values, ids = scores.topk(top_k, dim=-1)
         kth = values[:, -1:]
-        tied = scores == kth
-        n_tied = tied.sum(-1, keepdim=True).float()
+        ranks = (scores == kth).cumsum(-1, dtype=torch.int32)  # int32: half the bytes of the default
+        n_tied = ranks[:, -1:].float()
         values = values.masked_fill(values == kth, float("-inf"))  # the tie group gets its own column
         group = kth + n_tied.log()
     else:
@@ -146,7 +147,7 @@ def _candidates(
         skip = torch.minimum(skip, n_tied - only_group.float()).clamp(min=0)
         probs = torch.cat([above.masked_fill(drop, 0.0), (n_tied - skip) * q], -1)
         probs = probs / probs.sum(-1, keepdim=True)
-    return probs, ids, tied, skip
+    return probs, ids, ranks, skip
 
 
 def sampling_distribution(
@@ -166,11 +167,12 @@ def sampling_distribution(
         logits: ``[B, V]`` next-token logits (any float dtype; computed in float32 as ``generate`` does).
         top_k: ``None`` or 0 disables it. top_p: ``None`` or 1 disables it.
     """
-    probs, ids, tied, skip = _candidates(logits, temperature, top_k, top_p)
+    probs, ids, ranks, skip = _candidates(logits, temperature, top_k, top_p)
     full = torch.zeros(logits.shape, dtype=probs.dtype, device=probs.device)
     full.scatter_add_(-1, ids, probs[:, :-1])
-    if tied is not None:
-        kept = tied & (tied.cumsum(-1) > skip)  # ranks 1..n in vocabulary order; the first `skip` go
+    if ranks is not None:
+        tied = ranks.diff(dim=-1, prepend=ranks.new_zeros(ranks.shape[0], 1)) > 0
+        kept = tied & (ranks > skip)  # members 1..n in vocabulary order; the first `skip` go
         full += kept * (probs[:, -1:] / kept.sum(-1, keepdim=True).clamp(min=1))
     return full
 
@@ -184,14 +186,14 @@ def next_tokens(
     """
     if not do_sample:
         return logits.argmax(-1)
-    probs, ids, tied, skip = _candidates(logits, temperature, top_k, top_p)
+    probs, ids, ranks, skip = _candidates(logits, temperature, top_k, top_p)
     column = torch.multinomial(probs, 1)
     token = ids.gather(-1, column.clamp(max=ids.shape[1] - 1))
-    if tied is not None:
+    if ranks is not None:
         # The tie group's column: one of its kept members, uniformly, found by rank in vocabulary order.
-        kept = tied.sum(-1, keepdim=True) - skip
+        kept = ranks[:, -1:] - skip
         rank = skip + torch.floor(torch.rand_like(skip) * kept).clamp(max=kept - 1) + 1
-        member = torch.searchsorted(tied.cumsum(-1), rank.long())
+        member = torch.searchsorted(ranks, rank.int()).long()
         token = torch.where(column == ids.shape[1], member, token)
     return token.squeeze(-1)
 
