@@ -102,6 +102,19 @@ def test_a_wide_tie_group_is_kept_whole_by_top_k_and_cut_by_top_p():
     assert 0 < int((ours[0, 100:200] > 0).sum()) < 100 and bool((ours[0, 200:] == 0).all())
 
 
+def test_the_tie_group_keeps_its_mass_at_large_logit_scales():
+    # 100 tokens tied with the k-th near 30000 (logits of 30 at temperature 0.001), where float32's
+    # spacing is 0.004: the group's mass must not be rounded there (review repro, 0.6469 vs 0.6468).
+    logits = torch.full((1, 200), -5.0)
+    logits[0, 20:120] = 30.0
+    logits[0, 150] = 30.004
+    for top_p in (1.0, 0.9):
+        ours = sampling_distribution(logits, temperature=0.001, top_k=5, top_p=top_p)[0]
+        theirs = hf_probs(logits, 0.001, 5, top_p)[0]
+        assert float(ours[150]) == pytest.approx(float(theirs[150]), abs=2e-6)
+        assert float(ours[20:120].sum()) == pytest.approx(float(theirs[20:120].sum()), abs=2e-6)
+
+
 @pytest.mark.parametrize("case", ["plain", "ties"])
 def test_draws_follow_the_distribution(case):
     torch.manual_seed(0)

@@ -125,8 +125,11 @@ def _candidates(
         kth = values[:, -1:]
         ranks = (scores == kth).cumsum(-1, dtype=torch.int32)  # int32: half the bytes of the default
         n_tied = ranks[:, -1:].float()
-        values = values.masked_fill(values == kth, float("-inf"))  # the tie group gets its own column
-        group = kth + n_tied.log()
+        # The tie group gets its own column. Shifted by the top logit first: log(n) added at the scale of
+        # a large kth (small temperatures) would be rounded to its float32 spacing.
+        top = values[:, :1]
+        values = values.masked_fill(values == kth, float("-inf")) - top
+        group = (kth - top) + n_tied.log()
     else:
         if top_p is not None:
             values, ids = scores.sort(dim=-1, descending=True)  # the nucleus needs the whole order
