@@ -101,7 +101,7 @@ def _check_sampling(
 def _candidates(
     logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """The kept tokens of temperature -> top-k -> top-p sampling, without a host sync or a sort under top-k.
+    """The kept tokens of temperature -> top-k -> top-p sampling; no host sync, and no sort under top-k.
 
     Returns ``(probs, ids, ranks, skip)``: ``probs`` ``[B, M + 1]`` sums to 1 per row; its first ``M``
     columns are the tokens ``ids`` ``[B, M]``, in descending order of logit, and its last column is the
@@ -109,10 +109,10 @@ def _candidates(
     vocabulary order. ``ranks`` ``[B, V]`` counts the group's members up to each vocabulary id (its last
     column is the group's size; ``None`` without top-k).
 
-    ``torch.topk`` gives the k largest, but generate's top-k keeps *every* token tied with the k-th (frequent
-    with bf16 logits), however many. All of them share one value, so they need no order among themselves:
-    one column holds their mass, and top-p's rule on the ascending order (where they come first) drops a
-    count of them, ``floor((1 - top_p) / q)`` for a member's probability ``q``.
+    ``torch.topk`` gives the k largest, but generate's top-k keeps *every* token tied with the k-th
+    (frequent with bf16 logits), however many. All of them share one value, so they need no order among
+    themselves: one column holds their mass, and top-p's rule on the ascending order (where they come
+    first) drops a count of them, ``floor((1 - top_p) / q)`` for a member's probability ``q``.
     """
     scores = logits.float() / temperature
     batch, vocab = scores.shape

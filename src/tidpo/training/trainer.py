@@ -813,9 +813,9 @@ class TIDPOTrainer(Trainer):
     def _share_prompt_pays(self, device: torch.device) -> bool:
         """`share_prompt=None`: whether a shared prompt is worth its extra forward on this device."""
         # Measured on an H200 (benchmarks/README.md, round 8): the prompt's own forward and backward add
-        # kernel launches that cost more than the saved tokens (DPO step 2.0-2.1x slower on SmolLM2, 1.12-1.15x on
-        # Llama-3.2-1B shapes), for 0.83-0.87x the peak memory. Under checkpointing memory is what the run
-        # is short of: it stays on there.
+        # kernel launches that cost more than the saved tokens (DPO step 2.0-2.1x slower on SmolLM2,
+        # 1.12-1.15x on Llama-3.2-1B shapes), for 0.83-0.87x the peak memory. Under checkpointing memory
+        # is what the run is short of: it stays on there.
         return device.type != "cuda" or bool(self.args.gradient_checkpointing)
 
     def _prompt_cache_unsupported(
