@@ -142,6 +142,7 @@ class Entry:
     times: list[float] = field(default_factory=list)  # wall-clock seconds per measured step
     cpu_times: list[float] = field(default_factory=list)  # process CPU seconds per measured step
     peak_bytes: int | None = None
+    aten_calls: int | None = None  # --count-ops
     losses: list[float] = field(default_factory=list)
     anchor_times: list[float] = field(default_factory=list)  # seconds sampling anchors, per measured step
     anchor_clock: float = 0.0  # seconds sampling anchors, accumulated during the current step
@@ -415,6 +416,25 @@ def first_batch_losses(entries: dict[str, Entry]) -> tuple[float, float] | None:
     return values[0], values[1]
 
 
+def count_aten_calls(entry: Entry, device: str) -> int:
+    """The aten operators one step dispatches that no other aten operator called (torch.profiler).
+
+    A host-bound GPU step costs about its kernel launches, and each of these is at least one; the count
+    is deterministic where the step time of a small model on a GPU is not, so the layouts' launch costs
+    can be compared on any machine. (Nested calls, e.g. ``linear`` -> ``mm``, count once.)
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        train_step(entry, device)
+    return sum(
+        1
+        for event in prof.events()
+        if event.name.startswith("aten::")
+        and not (event.cpu_parent is not None and event.cpu_parent.name.startswith("aten::"))
+    )
+
+
 def profile_config(entry: Entry, device: str, rows: int = 25) -> None:
     """Print torch.profiler's most expensive ops for one step of a configuration."""
     from torch.profiler import ProfilerActivity, profile
@@ -470,6 +490,7 @@ def report(entries: dict[str, Entry], parity: tuple[float, float] | None, args) 
             "time_ratio": _ratio(step_time(entry), base_t),
             "mem_ratio": _ratio(peak, base_m),
             "median_anchor_wall_s": _median(entry.anchor_times) if any(entry.anchor_times) else None,
+            "aten_calls": entry.aten_calls,
         }
         results["configs"][name] = row
         cpu = entry.cpu_times
@@ -479,6 +500,13 @@ def report(entries: dict[str, Entry], parity: tuple[float, float] | None, args) 
             f"{_fmt(row['peak_mib'], '9.1f')} {_fmt(row['time_ratio'], '8.2f')} "
             f"{_fmt(row['mem_ratio'], '8.2f')} {_fmt(row['median_anchor_wall_s'], '8.2f')}  {description}"
         )
+
+    if any(entry.aten_calls for entry in entries.values()):
+        base_ops = base.aten_calls if base else None
+        print("\nTop-level aten calls per step (at least one kernel launch each on a GPU):")
+        for name, entry in entries.items():
+            ratio = _ratio(entry.aten_calls, base_ops)
+            print(f"  {name:<16} {entry.aten_calls:>8}  {_fmt(ratio, '5.2f')}x dpo")
 
     checks: list[tuple[str, bool | None, str]] = []
 
@@ -565,6 +593,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory step")
     p.add_argument("--profile", default="", help="comma-separated configs to profile after the run")
+    p.add_argument(
+        "--count-ops", action="store_true", help="count each config's top-level aten calls in one more step"
+    )
     p.add_argument("--json", default="", help="write the results here as JSON")
     args = p.parse_args(argv)
     if args.device == "auto":
@@ -630,6 +661,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if not args.no_memory:
             for entry in entries.values():
                 entry.peak_bytes = peak_step_bytes(entry, args.device)
+        if args.count_ops:
+            for entry in entries.values():
+                entry.aten_calls = count_aten_calls(entry, args.device)
         for name in filter(None, args.profile.split(",")):
             profile_config(entries[name], args.device)
         results = report(entries, parity, args)

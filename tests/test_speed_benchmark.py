@@ -39,7 +39,7 @@ def test_speed_benchmark_runs_every_configuration(speed, tmp_path, capsys) -> No
     argv = [
         "--model", "tiny", "--hidden", "64", "--layers", "2", "--seq-len", "48",
         "--batch-size", "2", "--grad-accum", "2", "--steps", "1", "--warmup", "0",
-        "--anchor-tokens", "4", "--configs", ",".join(CONFIGS), "--json", str(out),
+        "--anchor-tokens", "4", "--configs", ",".join(CONFIGS), "--json", str(out), "--count-ops",
     ]  # fmt: skip
     results = speed.main(argv)
     printed = capsys.readouterr().out
@@ -67,6 +67,12 @@ def test_speed_benchmark_runs_every_configuration(speed, tmp_path, capsys) -> No
         "3. our DPO at least as fast as TRL's",
     } <= set(checks)
     assert results["args"]["grad_accum"] == 2
+    # --count-ops: one more step per config under the profiler. Each extra pass adds its operators: the
+    # attribution's backward, the separate pass's forward too, the anchors' decoding and passes.
+    ops = {name: configs[name]["aten_calls"] for name in CONFIGS}
+    assert all(isinstance(n, int) and n > 100 for n in ops.values()), ops
+    assert ops["dpo"] < ops["ti_fused"] < ops["ti_separate"] < ops["ti_full"], ops
+    assert "Top-level aten calls per step" in printed
 
 
 def test_speed_benchmark_rejects_unknown_configs(speed, capsys) -> None:
