@@ -128,7 +128,8 @@ CONFIGS: dict[str, tuple[dict[str, Any] | None, str]] = {
     ),
 }
 # ti_full_cache only differs from ti_full under gradient checkpointing, ti_full_apart under gradient
-# accumulation (--grad-accum): not run unless asked for.
+# accumulation (--grad-accum), dpo_shared from dpo on CUDA (dpo_rows is its twin on the CPU): not run
+# unless asked for.
 DEFAULT_CONFIGS = [name for name in CONFIGS if name not in ("ti_full_cache", "ti_full_apart", "dpo_shared")]
 
 
@@ -419,9 +420,10 @@ def first_batch_losses(entries: dict[str, Entry]) -> tuple[float, float] | None:
 def count_aten_calls(entry: Entry, device: str) -> int:
     """The aten operators one step dispatches that no other aten operator called (torch.profiler).
 
-    A host-bound GPU step costs about its kernel launches, and each of these is at least one; the count
-    is deterministic where the step time of a small model on a GPU is not, so the layouts' launch costs
-    can be compared on any machine. (Nested calls, e.g. ``linear`` -> ``mm``, count once.)
+    Each is a dispatch on the host, and those that compute (all but views such as ``reshape``) launch a
+    kernel on a GPU: what a host-bound GPU step costs. The count is deterministic where the step time of
+    a small model on a GPU is not, so the layouts' launch costs can be compared on any machine. (Nested
+    calls, e.g. ``linear`` -> ``mm``, count once.)
     """
     from torch.profiler import ProfilerActivity, profile
 
@@ -503,7 +505,7 @@ def report(entries: dict[str, Entry], parity: tuple[float, float] | None, args) 
 
     if any(entry.aten_calls for entry in entries.values()):
         base_ops = base.aten_calls if base else None
-        print("\nTop-level aten calls per step (at least one kernel launch each on a GPU):")
+        print("\nTop-level aten calls per step (host dispatches; a GPU kernel launch each, views aside):")
         for name, entry in entries.items():
             ratio = _ratio(entry.aten_calls, base_ops)
             print(f"  {name:<16} {entry.aten_calls:>8}  {_fmt(ratio, '5.2f')}x dpo")
