@@ -8,20 +8,12 @@ import torch
 
 from tidpo import TIDPOConfig, TIDPOTrainer
 from tidpo.generation import sample_completion_ids
-from tiny_setup import last_metrics, make_config, train_loss_and_grads
+from tiny_setup import last_metrics, make_config, perturb, train_loss_and_grads
 
 
 def _trainer(tiny_llama, tiny_tok, pairs_dataset, tmp_path, **overrides) -> TIDPOTrainer:
     args = make_config(tmp_path, **overrides)
     return TIDPOTrainer(tiny_llama, args=args, train_dataset=pairs_dataset, processing_class=tiny_tok)
-
-
-def _perturb(model: torch.nn.Module) -> None:
-    """Move the policy off the reference, so the triplet distances are not all zero."""
-    gen = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=gen))
 
 
 def _record_sampling(trainer: TIDPOTrainer) -> list[dict]:
@@ -82,7 +74,7 @@ def test_the_horizon_changes_no_loss_or_gradient(tiny_llama, tiny_tok, pairs_dat
     """Decoding to anchor_max_new_tokens and using every token gives the same loss, gradients and
     triplet distances as stopping at the horizon; only anchor/length (the tokens that count) differs."""
     trainer = _trainer(tiny_llama, tiny_tok, pairs_dataset, tmp_path, anchor_max_new_tokens=40)
-    _perturb(trainer.model)
+    perturb(trainer.model, seed=2)
     calls = _record_sampling(trainer)
     loss, grads = train_loss_and_grads(trainer)
     cut = last_metrics(trainer)
@@ -120,7 +112,7 @@ def _run(tiny_llama, tiny_tok, pairs_dataset, tmp_path, rows: int):
         anchor_max_new_tokens=12,
         anchor_sampling_rows=rows,
     )
-    _perturb(trainer.model)
+    perturb(trainer.model, seed=2)
     calls = _record_sampling(trainer)
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]

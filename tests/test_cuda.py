@@ -20,7 +20,7 @@ import torch
 from tidpo import TIDPOConfig, TIDPOTrainer
 from tidpo.generation import anchor_cache, next_tokens, sample_completion_ids, sampling_distribution
 from tidpo.models import tiny_causal_lm
-from tiny_setup import CONFIGS, build, last_metrics, make_config, train_loss_and_grads
+from tiny_setup import CONFIGS, build, last_metrics, make_config, perturb, train_loss_and_grads
 
 DEVICE = os.environ.get("TIDPO_TEST_DEVICE", "cuda")
 pytestmark = pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -30,23 +30,16 @@ def gpu_config(tmp_path, **overrides) -> TIDPOConfig:
     return make_config(tmp_path, use_cpu=DEVICE == "cpu", **overrides)
 
 
-def perturbed(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Move the policy away from its reference copy so losses and attribution are not trivial."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_((0.05 * torch.randn(p.shape, generator=gen)).to(p.device, p.dtype))
-    return model
-
-
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen3"])
 def test_compiled_decode_gives_the_eager_ids(tiny_tok, arch):
     # The static cache's decode step replays CUDA graphs on a GPU; greedy and seeded sampling must give
     # the eager growing cache's ids, also on a second call into the same cache (its graphs replayed).
     if arch in ("llama", "gpt2"):
-        model = perturbed(tiny_causal_lm(arch, tokenizer=tiny_tok), seed=1).to(DEVICE)
+        model = tiny_causal_lm(arch, tokenizer=tiny_tok)
     else:
-        model = perturbed(build(CONFIGS[arch]()), seed=1).to(DEVICE)
+        model = build(CONFIGS[arch]())
+    perturb(model, seed=1)
+    model = model.to(DEVICE)
     cache = anchor_cache(model, max_cache_len=48)
     gen = torch.Generator().manual_seed(0)
     for prompt_len in (9, 14):
@@ -104,7 +97,7 @@ def test_fused_and_separate_attribution_agree(tmp_path, tiny_tok, pairs_dataset,
             copy.deepcopy(base), args=args, train_dataset=pairs_dataset, processing_class=tiny_tok
         )
         assert trainer.model.device.type == DEVICE
-        perturbed(trainer.model, seed=2)  # the policy moves away from its reference: the KL is live
+        perturb(trainer.model, seed=2)  # the policy moves away from its reference: the KL is live
         torch.manual_seed(3)  # the same anchors for both
         loss, grads = train_loss_and_grads(trainer)
         metrics = last_metrics(trainer)
@@ -130,7 +123,7 @@ def test_shared_prompts_match_whole_rows(tmp_path, tiny_tok, pairs_dataset):
         trainer = TIDPOTrainer(
             copy.deepcopy(base), args=args, train_dataset=pairs_dataset, processing_class=tiny_tok
         )
-        perturbed(trainer.model, seed=4)
+        perturb(trainer.model, seed=4)
         torch.manual_seed(5)
         results[share] = train_loss_and_grads(trainer)
         assert last_metrics(trainer)["triplet/loss"] > 0
@@ -154,7 +147,7 @@ def test_bf16_training_run_with_accumulation_saves_and_learns(tmp_path, tiny_tok
         save_steps=3,
     )
     trainer = TIDPOTrainer(model, args=args, train_dataset=pairs_dataset, processing_class=tiny_tok)
-    perturbed(trainer.model, seed=6)
+    perturb(trainer.model, seed=6)
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]

@@ -16,20 +16,12 @@ from tidpo import TIDPOConfig, TIDPOTrainer, tokenops
 from tidpo.models import tiny_causal_lm
 from tidpo.profiling import peak_tensor_bytes
 from tidpo.tokenops import CPU_BLOCK_BYTES
-from tiny_setup import last_metrics
+from tiny_setup import last_metrics, perturb
 from tiny_setup import make_config as tiny_config
 
 
 def make_config(tmp_path, **overrides) -> TIDPOConfig:
     return tiny_config(tmp_path, **{"max_steps": 1, **overrides})
-
-
-def perturb(model: torch.nn.Module, seed: int, scale: float = 0.05) -> None:
-    """Move the policy away from its reference copy so losses and attribution are not trivial."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_((scale * torch.randn(p.shape, generator=gen)).to(p.dtype))
 
 
 def first_batch(trainer: TIDPOTrainer) -> dict[str, torch.Tensor]:

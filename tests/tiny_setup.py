@@ -77,6 +77,15 @@ CONFIGS = {
 }
 
 
+def perturb(model: torch.nn.Module, seed: int, scale: float = 0.05) -> None:
+    """Move the policy away from its reference copy so losses, attribution and the triplet distances are
+    not trivial (the noise is drawn on the CPU, so every device gets the same)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_((scale * torch.randn(p.shape, generator=gen)).to(p.device, p.dtype))
+
+
 def build(config):
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(config).eval()  # eval: no dropout, gradients still flow
