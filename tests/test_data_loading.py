@@ -271,3 +271,12 @@ def test_a_csv_separated_by_semicolons_says_so(tmp_path):
 def test_an_empty_source_string_says_so():
     with pytest.raises(PreferenceDataError, match="empty string"):
         load_preference_dataset("")
+
+
+def test_a_local_file_refuses_another_split(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in STANDARD_EXPLICIT) + "\n")
+    assert len(load_preference_dataset(path, split="train")) == len(STANDARD_EXPLICIT)
+    assert len(load_preference_dataset(str(path))) == len(STANDARD_EXPLICIT)
+    with pytest.raises(PreferenceDataError, match=r"pairs\.jsonl: a local file holds one split, so split='test'"):
+        load_preference_dataset(str(path), split="test")

@@ -36,7 +36,8 @@ def load_preference_dataset(source: DatasetSource, split: str | None = None) -> 
         source: a local ``.jsonl``/``.json``/``.csv``/``.parquet`` file; a ``Dataset``; a ``DatasetDict``
             (``split`` is taken, default ``"train"``); a list of row dicts; or a Hub dataset id
             (``"owner/name"``, loaded with ``datasets.load_dataset``; needs network access).
-        split: the split to take from a ``DatasetDict`` or Hub dataset (default ``"train"``).
+        split: the split to take from a ``DatasetDict`` or Hub dataset (default ``"train"``). A local
+            file is one split: anything but ``None`` / ``"train"`` is refused for it.
 
     Raises:
         FileNotFoundError: a path that does not exist.
@@ -60,6 +61,13 @@ def load_preference_dataset(source: DatasetSource, split: str | None = None) -> 
                 f"{source}: is a directory; give a file ({', '.join(SUPPORTED_EXTENSIONS)}) or a Hub id."
             )
         if path.is_file():
+            if split not in (None, "train"):
+                # A file holds one split; silently training on it as another would be a silent mix-up.
+                raise PreferenceDataError(
+                    f"{source}: a local file holds one split, so split={split!r} cannot be taken from it "
+                    "(splits apply to Hub datasets and DatasetDicts). Give the file that holds that split "
+                    "(CLI: --train_data / --eval_data) and leave the split at 'train'."
+                )
             return _load_file(path)
         if isinstance(source, str) and _looks_like_hub_id(source):
             return _load_hub(source, split)
