@@ -278,5 +278,7 @@ def test_a_local_file_refuses_another_split(tmp_path):
     path.write_text("\n".join(json.dumps(r) for r in STANDARD_EXPLICIT) + "\n")
     assert len(load_preference_dataset(path, split="train")) == len(STANDARD_EXPLICIT)
     assert len(load_preference_dataset(str(path))) == len(STANDARD_EXPLICIT)
-    with pytest.raises(PreferenceDataError, match=r"pairs\.jsonl: a local file holds one split, so split='test'"):
+    with pytest.raises(
+        PreferenceDataError, match=r"pairs\.jsonl: a local file holds one split, so split='test'"
+    ):
         load_preference_dataset(str(path), split="test")
