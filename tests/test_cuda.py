@@ -3,8 +3,8 @@
     python -m pytest tests/test_cuda.py          # on a machine with a CUDA GPU
 
 What only runs on a GPU: the anchors' decode step compiled with CUDA graphs ("reduce-overhead") on the
-kept static cache, the GPU's vocabulary blocks (1024 rows) and sort-based sampling, and the fused
-attribution under CUDA autocast. Each is compared with the path the CPU tests already check.
+kept static cache (also through PEFT's wrapper), the GPU's vocabulary blocks (1024 rows), sampling
+on the device, and the fused attribution under CUDA autocast. Each is compared with the path the CPU tests already check.
 ``TIDPO_TEST_DEVICE=cpu`` runs the same comparisons on the CPU (a smoke run of this file).
 """
 
@@ -30,15 +30,21 @@ def gpu_config(tmp_path, **overrides) -> TIDPOConfig:
     return make_config(tmp_path, use_cpu=DEVICE == "cpu", **overrides)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen3", "llama-lora"])
 def test_compiled_decode_gives_the_eager_ids(tiny_tok, arch):
     # The static cache's decode step replays CUDA graphs on a GPU; greedy and seeded sampling must give
     # the eager growing cache's ids, also on a second call into the same cache (its graphs replayed).
-    if arch in ("llama", "gpt2"):
-        model = tiny_causal_lm(arch, tokenizer=tiny_tok)
-    else:
+    if arch == "qwen3":
         model = build(CONFIGS[arch]())
+    else:
+        model = tiny_causal_lm(arch.split("-")[0], tokenizer=tiny_tok)
     perturb(model, seed=1)
+    if arch.endswith("-lora"):  # the LoRA recipes decode through PEFT's wrapper
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
+        model = get_peft_model(model, lora)
+        perturb(model, seed=2)
     model = model.to(DEVICE)
     cache = anchor_cache(model, max_cache_len=48)
     gen = torch.Generator().manual_seed(0)

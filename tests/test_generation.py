@@ -225,3 +225,42 @@ def test_static_cache_gives_the_dynamic_cache_samples_and_is_reused(model, tok):
         sample_completion_ids(model, ids[:1], mask[:1], max_new_tokens=3, static_cache=cache)
     with pytest.raises(ValueError, match="num_return_sequences=1"):
         sample_completion_ids(model, ids, mask, max_new_tokens=3, static_cache=cache, num_return_sequences=2)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen3", "llama-lora"])
+def test_the_decode_step_traces_as_one_graph(tok, arch, monkeypatch):
+    # On CUDA the static cache's decode step is compiled with CUDA graphs; a graph break (a host sync or
+    # untraceable call in the forward, e.g. in a PEFT wrapper) would split the graphs and bring the
+    # launch-bound eager decoding back. Dynamo's trace is the same on the CPU: trace the step as one
+    # graph (fullgraph, eager backend: no code generation) and check it decodes the eager ids.
+    import tidpo.generation as generation
+    from tiny_setup import CONFIGS, build, perturb
+
+    if arch == "qwen3":
+        model = build(CONFIGS["qwen3"]())
+    else:
+        model = tiny_causal_lm(arch.split("-")[0], tokenizer=tok)
+    perturb(model, seed=1)
+    if arch.endswith("-lora"):
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
+        model = get_peft_model(model, lora)
+        perturb(model, seed=2)  # LoRA's B starts at zero: make the adapters count
+    ids = torch.randint(3, 90, (3, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    eager = sample_completion_ids(model, ids, mask, max_new_tokens=12, do_sample=False)
+
+    step = generation._eager_step
+    traced = torch.compile(lambda *args: step(model, *args), backend="eager", fullgraph=True, dynamic=False)
+    calls = []
+
+    def compiled_step(_model, *args):
+        calls.append(1)
+        return traced(*args)
+
+    monkeypatch.setattr(generation, "_eager_step", compiled_step)
+    cache = generation.anchor_cache(model, max_cache_len=24)
+    static = sample_completion_ids(model, ids, mask, max_new_tokens=12, do_sample=False, static_cache=cache)
+    assert len(calls) == 11 and torch.equal(static, eager), (static, eager)
