@@ -1,4 +1,4 @@
-"""Our tokenisation and collation give the same ids, masks and DPO loss as TRL 1.16's DPOTrainer."""
+"""Our tokenisation and collation give the same ids, masks, DPO loss and metrics as TRL 1.16's DPOTrainer."""
 
 from __future__ import annotations
 
@@ -165,3 +165,43 @@ def test_standard_completions_end_with_exactly_one_eos(tokenizer):
     # BOS, when the tokenizer adds one, starts the prompt (as `tokenizer(text)` does in TRL).
     if tokenizer.bos_token_id is not None:
         assert all(row["prompt_input_ids"][0] == tokenizer.bos_token_id for row in ours)
+
+
+def test_training_metrics_match_trl_on_one_batch(tmp_path):
+    # Same models, same batch: every metric both trainers log must agree (logits/* pools the response
+    # tokens of all rows, so responses of different lengths tell a per-row mean apart).
+    from tidpo import TIDPOConfig, TIDPOTrainer
+    from tiny_setup import last_metrics
+
+    tokenizer = tiny_tokenizer()
+    rows = STANDARD_EXPLICIT
+    theirs = _trl_trainer(rows, tokenizer, tmp_path / "trl")
+    config = TIDPOConfig(
+        output_dir=str(tmp_path / "ours"),
+        use_cpu=True,
+        loss_type="dpo",
+        beta=0.1,
+        max_length=None,
+        max_prompt_length=None,
+        report_to=[],
+        per_device_train_batch_size=len(rows),
+    )
+    ours = TIDPOTrainer(
+        tiny_causal_lm(tokenizer=tokenizer, seed=0),
+        ref_model=tiny_causal_lm(tokenizer=tokenizer, seed=1),
+        args=config,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+    )
+    for trainer in (theirs, ours):
+        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(rows))])
+        trainer.model.train()
+        trainer.compute_loss(trainer.model, batch)
+    their_metrics = {k: v[-1] for k, v in theirs._metrics["train"].items()}
+    our_metrics = last_metrics(ours)
+    lengths = {int(m.sum()) for m in batch["completion_mask"][: len(rows)]}
+    assert len(lengths) > 1  # responses of different lengths
+    names = [f"{kind}/{which}" for kind in ("rewards", "logps", "logits") for which in ("chosen", "rejected")]
+    names += ["rewards/accuracies", "rewards/margins"]
+    for name in names:
+        assert our_metrics[name] == pytest.approx(their_metrics[name], rel=1e-5, abs=1e-6), name

@@ -168,6 +168,15 @@ def test_random_mode_generator():
     assert not torch.allclose(a, c)
     assert torch.all(a > 0)
     assert a.std() > 0.01  # not uniform
+    # One generator per row: row i's weights are what its generator draws, whatever the other rows.
+    rows = importance_weights(
+        "random", None, span, generator=[torch.Generator().manual_seed(s) for s in (5, 6)]
+    )
+    alone = importance_weights("random", None, span[:1], generator=[torch.Generator().manual_seed(6)])
+    torch.testing.assert_close(rows[1:], alone)
+    assert not torch.allclose(rows[0], rows[1])
+    with pytest.raises(ValueError, match="1 generators for 2 rows"):
+        importance_weights("random", None, span, generator=[torch.Generator()])
 
 
 def test_mode_errors():

@@ -10,6 +10,7 @@ import torch
 from datasets import Dataset
 from transformers import StaticCache, TrainerCallback
 
+import tidpo.training.trainer
 from conftest import PAIRS
 from helpers.tiny_run import write_jsonl
 from tidpo import TIDPOConfig, TIDPOTrainer
@@ -658,3 +659,33 @@ def test_non_finite_gradients_behind_a_finite_loss_never_reach_the_weights(
 def test_gamma_given_to_a_baseline_is_warned_about(tmp_path):
     with pytest.warns(UserWarning, match=r"gamma=1.0 is the triplet weight.*simpo_gamma"):
         TIDPOConfig(output_dir=str(tmp_path), loss_type="simpo", gamma=1.0)
+
+
+def test_random_weights_follow_the_data_rows(tmp_path, tiny_tok, tiny_llama, pairs_dataset):
+    # The random-weights ablation draws per data row, side and step (one draw per step would give every
+    # micro-batch, rank and eval batch of the same shape the same weights): a pair keeps its weights in
+    # another batch of that step, chosen and rejected differ, and the next step draws anew.
+    args = make_config(tmp_path, importance_mode="random", gamma=0.0, tdpo_alpha=0.0)
+    trainer = TIDPOTrainer(tiny_llama, args=args, train_dataset=pairs_dataset, processing_class=tiny_tok)
+    data = trainer.train_dataset
+    captured = []
+    real = tidpo.training.trainer.importance_weights
+
+    def spy(*a, **kw):
+        captured.append(real(*a, **kw))
+        return captured[-1]
+
+    def weights_of(indices):
+        batch = trainer.data_collator([data[i] for i in indices])
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(tidpo.training.trainer, "importance_weights", spy)
+            trainer.compute_loss(trainer.model, batch)
+        return captured[-1], batch["completion_mask"].bool()
+
+    a, mask_a = weights_of([0, 1])
+    c, _ = weights_of([1, 0])  # the same pairs in another order: each row keeps its draws
+    torch.testing.assert_close(c[[1, 0, 3, 2]], a)
+    assert not torch.equal(a[0], a[2]) or not torch.equal(mask_a[0], mask_a[2])  # chosen vs rejected
+    trainer.state.global_step += 1
+    d, _ = weights_of([0, 1])
+    assert not torch.allclose(d, a)

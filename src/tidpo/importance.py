@@ -14,6 +14,7 @@ outside it. NaN/Inf anywhere raise :class:`tidpo.tokenops.NonFiniteError`.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -294,7 +295,7 @@ def importance_weights(
     span_mask: Tensor,
     lambda_importance: float = 0.7,
     sigma_div: float = 4.0,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
 ) -> Tensor:
     """Token weights for TI-DPO and its ablations (Eq. 8; spec §8), mean 1 over the span, 0 outside.
 
@@ -311,7 +312,8 @@ def importance_weights(
         scores: ``[B, T]`` raw attribution scores; may be None for uniform/random/prior.
         span_mask: ``[B, T]`` weighting span.
         lambda_importance, sigma_div: see :func:`hybrid_weights`.
-        generator: random source for ``"random"`` (its device is used for the draws).
+        generator: random source for ``"random"`` (its device is used for the draws); or one generator
+            per row, each drawing that row's ``T`` values (draws that follow the data rows).
 
     Returns:
         float32 ``[B, T]``, detached, on ``span_mask``'s device.
@@ -328,9 +330,18 @@ def importance_weights(
     if mode == "uniform":
         return mask.float()
     if mode == "random":
-        device = generator.device if generator is not None else span_mask.device
         # 1 - U[0, 1) lies in (0, 1]: strictly positive, so every span token keeps some weight.
-        draws = 1.0 - torch.rand(mask.shape, generator=generator, device=device, dtype=torch.float64)
+        if isinstance(generator, Sequence):
+            if len(generator) != mask.shape[0]:
+                raise ValueError(f"random weights: {len(generator)} generators for {mask.shape[0]} rows")
+            uniform = [
+                torch.rand(mask.shape[1], generator=g, device=g.device, dtype=torch.float64)
+                for g in generator
+            ]
+            draws = 1.0 - torch.stack([u.to(mask.device) for u in uniform])
+        else:
+            device = generator.device if generator is not None else span_mask.device
+            draws = 1.0 - torch.rand(mask.shape, generator=generator, device=device, dtype=torch.float64)
         return _to_mean_one(draws.to(mask.device), mask, n)
     # softmax: any finite real scores are acceptable.
     values = _check_scores(scores, span_mask, mode, nonnegative=False)

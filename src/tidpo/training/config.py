@@ -55,7 +55,8 @@ class TIDPOConfig(TrainingArguments):
 
         importance_mode (`str`, defaults to `"hybrid"`):
             How token weights are made: `"hybrid"` (gradient attribution mixed with the Gaussian prior,
-            Eq. 8), `"uniform"` (all 1: plain DPO/TDPO maths), `"random"`, `"prior"` (lambda = 0),
+            Eq. 8), `"uniform"` (all 1: plain DPO/TDPO maths), `"random"` (Uniform(0, 1] draws per token,
+            new at every step, seeded by `seed`, the step and the data row), `"prior"` (lambda = 0),
             `"gradient"` (lambda = 1, no prior), `"softmax"` (softmax of the raw attribution times n), or
             `"dataset"` (TIS-DPO-style precomputed `chosen_weights`/`rejected_weights` columns).
             Only `"ti_dpo"` uses weights; the baselines always use uniform weights.

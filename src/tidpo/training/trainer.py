@@ -536,6 +536,25 @@ class TIDPOTrainer(Trainer):
         base = self.args.seed * 1_000_003 + self.state.global_step * 101 + self.args.process_index
         return (base + mode_offset + group * 7_907_713) % (2**31)
 
+    def _random_weight_generators(
+        self, device: torch.device, pair_ids: torch.Tensor | None, training: bool, group: int
+    ) -> torch.Generator | list[torch.Generator]:
+        """Random sources of the random-weights ablation (spec section 8): one per row, seeded by the data
+        row, its side and the step, so each micro-batch, rank and eval batch draws its own weights, and a
+        resumed run draws the same ones. Without row ids (a custom collator): one per step, rank, mode
+        and micro-batch."""
+        if pair_ids is None:
+            return torch.Generator(device=device).manual_seed(self._anchor_seed(training, group) + 1)
+        step = self.state.global_step
+        # hash() of a tuple of ints is the same in every process and run (PYTHONHASHSEED only salts str).
+        return [
+            torch.Generator(device=device).manual_seed(
+                hash((self.args.seed, step, training, row, side)) % 2**63
+            )
+            for side in (0, 1)
+            for row in pair_ids.tolist()
+        ]
+
     def _sample_anchors(
         self,
         model: nn.Module,
@@ -1165,7 +1184,9 @@ class TIDPOTrainer(Trainer):
         else:
             generator = None
             if mode == "random":
-                generator = torch.Generator(device=ids.device).manual_seed(args.seed * 7_919 + step)
+                generator = self._random_weight_generators(
+                    ids.device, pair_ids, model.training, inputs.get("anchor_group", 0)
+                )
             weights = importance_weights(
                 mode,
                 scores,
@@ -1272,15 +1293,22 @@ class TIDPOTrainer(Trainer):
         values = values.detach().float().reshape(-1)
         return torch.stack([values.sum(), values.new_tensor(float(values.numel()))])
 
+    @staticmethod
+    def _token_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        # [sum, count] over the masked tokens, like `_gather_mean` (no boolean indexing: no host sync).
+        mask = mask.float()
+        return torch.stack([(values.detach().float() * mask).sum(), mask.sum()])
+
     def _pair_metrics(self, chosen_rewards, rejected_rewards, policy_logps, logits, cmask, n_pairs):
         with torch.no_grad():
             mask = cmask[: 2 * n_pairs]
             seq_logps = (policy_logps[: 2 * n_pairs] * mask).sum(1)
-            # Mean logit over response positions (a token's logits sit one position earlier).
+            # Mean logit over the response tokens of all chosen (rejected) rows together, as TRL pools
+            # them (a long response counts more than a short one); a token's logits sit one position
+            # earlier.
             shifted = torch.zeros_like(mask)
             shifted[:, :-1] = mask[:, 1:]
             vocab_means = logits[: 2 * n_pairs].mean(dim=-1, dtype=torch.float32)
-            mean_logits = (vocab_means * shifted).sum(1) / shifted.sum(1).clamp(min=1)
         return {
             "rewards/chosen": self._gather_mean(chosen_rewards),
             "rewards/rejected": self._gather_mean(rejected_rewards),
@@ -1288,8 +1316,8 @@ class TIDPOTrainer(Trainer):
             "rewards/margins": self._gather_mean(chosen_rewards - rejected_rewards),
             "logps/chosen": self._gather_mean(seq_logps[:n_pairs]),
             "logps/rejected": self._gather_mean(seq_logps[n_pairs:]),
-            "logits/chosen": self._gather_mean(mean_logits[:n_pairs]),
-            "logits/rejected": self._gather_mean(mean_logits[n_pairs:]),
+            "logits/chosen": self._token_mean(vocab_means[:n_pairs], shifted[:n_pairs]),
+            "logits/rejected": self._token_mean(vocab_means[n_pairs:], shifted[n_pairs:]),
         }
 
     def _weight_metrics(self, weights: torch.Tensor, cmask: torch.Tensor) -> dict[str, torch.Tensor]:
