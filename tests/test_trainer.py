@@ -689,3 +689,23 @@ def test_random_weights_follow_the_data_rows(tmp_path, tiny_tok, tiny_llama, pai
     trainer.state.global_step += 1
     d, _ = weights_of([0, 1])
     assert not torch.allclose(d, a)
+
+
+def test_torch_compile_trains_ti_dpo_as_uncompiled(tmp_path, tiny_tok, pairs_dataset):
+    # TrainingArguments' torch_compile: the fused attribution cannot take its gradient through a compiled
+    # forward (one autograd node), so it falls back to the separate pass; same losses as without compile.
+    # aot_eager: AOTAutograd's graph like inductor's, without the code generation.
+    losses = {}
+    for compiled in (False, True):
+        args = make_config(
+            tmp_path / str(compiled),
+            gamma=0.0,
+            torch_compile=compiled,
+            torch_compile_backend="aot_eager" if compiled else None,
+        )
+        model = tiny_causal_lm(tokenizer=tiny_tok)
+        trainer = TIDPOTrainer(model, args=args, train_dataset=pairs_dataset, processing_class=tiny_tok)
+        trainer.train()
+        losses[compiled] = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    assert len(losses[True]) == 2
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)

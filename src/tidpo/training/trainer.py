@@ -114,6 +114,17 @@ def _pad_to(x: torch.Tensor, width: int, value: int | float | bool) -> torch.Ten
     return torch.nn.functional.pad(x, (0, width - x.size(1)), value=value)
 
 
+def _compiled(model: nn.Module) -> bool:
+    """Whether ``model``, or a model it wraps (DDP's ``module``), is a ``torch.compile`` module."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    while model is not None:
+        if isinstance(model, OptimizedModule):
+            return True
+        model = getattr(model, "module", None)
+    return False
+
+
 class _RowIdCollator:
     """Wrap a collator so its batch also carries ``row_ids`` [B] (the ``ROW_ID_COLUMN`` of each row)."""
 
@@ -981,6 +992,14 @@ class TIDPOTrainer(Trainer):
             self._log_fallback(
                 "the model has active dropout (disable_dropout=False): the attribution runs as its own "
                 "eval-mode pass instead of from the training forward."
+            )
+            fused = False
+        if fused and _compiled(model):
+            # A compiled forward is one autograd node (its inner embeddings have no path to the logits),
+            # and inductor's backward refuses the retain_graph the fused pass needs.
+            self._log_fallback(
+                "the model is compiled (torch_compile): the attribution runs as its own pass on the "
+                "uncompiled model instead of from the training forward."
             )
             fused = False
         scores = None
