@@ -336,6 +336,73 @@ def test_a_fresh_run_never_mixes_with_an_earlier_one_in_output_dir(model_dir, tm
     assert not (out / "adapter_model.safetensors").exists() and not (out / "checkpoint-1").exists()
 
 
+def first_log(out: Path) -> dict:
+    return json.loads((out / "trainer_state.json").read_text())["log_history"][0]
+
+
+def test_dpo_on_top_of_a_lora_run_starts_from_its_adapter(model_dir, tmp_path, capsys):
+    """`--model <LoRA output folder> --use_peft true`: the SFT-style adapter is merged into the weights the
+    new adapter trains on (and the reference); before, PEFT put a fresh adapter in its place, silently."""
+    from tidpo.models import load_causal_lm
+
+    data = data_file(tmp_path, PAIRS)
+    sft = tmp_path / "sft"
+    code, _, err = cli(train_argv(model_dir, data, sft, max_steps=2, use_peft="true"), capsys)
+    assert code == 0, err
+    runs = {}
+    for name, start in (("on_sft", sft), ("on_base", model_dir)):
+        code, _, err = cli(train_argv(start, data, tmp_path / name, max_steps=1, use_peft="true"), capsys)
+        assert code == 0, err
+        runs[name] = first_log(tmp_path / name)
+    assert runs["on_sft"]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)  # reference = the merged start
+    assert runs["on_sft"]["logps/chosen"] != pytest.approx(runs["on_base"]["logps/chosen"], abs=1e-4)
+
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    merged = load_causal_lm(str(sft), merge_adapter=True)
+    assert not any(isinstance(m, BaseTunerLayer) for m in merged.modules())
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, load_causal_lm(str(sft))(ids).logits)
+
+
+def test_a_loaded_adapter_and_a_peft_config_are_refused(model_dir, tmp_path, capsys):
+    from peft import LoraConfig
+
+    from tidpo import TIDPOConfig, TIDPOTrainer
+    from tidpo.models import load_causal_lm, load_tokenizer
+
+    data = data_file(tmp_path, PAIRS)
+    sft = tmp_path / "sft"
+    assert cli(train_argv(model_dir, data, sft, max_steps=1, use_peft="true"), capsys)[0] == 0
+    args = TIDPOConfig(output_dir=str(tmp_path / "lib"), use_cpu=True, report_to="none")
+    with pytest.raises(ValueError, match=r"LoRA adapters loaded by transformers .*merge_loaded_adapter"):
+        TIDPOTrainer(
+            load_causal_lm(str(sft)),
+            args=args,
+            train_dataset=str(data),
+            processing_class=load_tokenizer(str(sft)),
+            peft_config=LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"),
+        )
+
+
+def test_overwrite_with_lora_after_full_weights_leaves_a_loadable_adapter(model_dir, tmp_path, capsys):
+    """Full fine-tuning, then a LoRA run with --overwrite_output_dir: the old config.json must go too (beside
+    the adapter it made the folder load as full weights that are no longer there)."""
+    from tidpo.models import load_causal_lm
+
+    data = data_file(tmp_path, PAIRS)
+    out = tmp_path / "out"
+    assert cli(argv_for(model_dir, data, tmp_path), capsys)[0] == 0
+    assert (out / "config.json").exists()
+    code, _, err = cli(
+        argv_for(model_dir, data, tmp_path, use_peft="true", overwrite_output_dir="true"), capsys
+    )
+    assert code == 0, err
+    assert (out / "adapter_model.safetensors").exists() and not (out / "config.json").exists()
+    assert getattr(load_causal_lm(str(out)), "_hf_peft_config_loaded", False)
+
+
 def test_overwrite_deletes_nothing_before_the_data_and_model_have_loaded(model_dir, tmp_path, capsys):
     data = data_file(tmp_path, PAIRS)
     out = tmp_path / "out"

@@ -394,11 +394,17 @@ def _check_output_dir(script: ScriptArguments, output_dir: str, why: str | None)
         raise CLIError(f"--output_dir {output_dir} holds an earlier run ({_names(found)}) and {why}. {how}")
 
 
+# Saved beside full weights; a new run's LoRA adapter does not rewrite them, and a config.json left
+# beside adapter files makes the folder load as a full model without its weights.
+_MODEL_FILES = ("config.json", "generation_config.json")
+
+
 def _delete_earlier_run(output_dir: str) -> None:
     """``--overwrite_output_dir``: delete what an earlier run left in ``output_dir`` (checked before)."""
     found = _earlier_run(output_dir)
     if not found:
         return
+    found += [path for name in _MODEL_FILES if (path := Path(output_dir) / name).is_file()]
     print(
         f"tidpo: --overwrite_output_dir: deleting the earlier run in {output_dir}: {_names(found)}",
         flush=True,
@@ -502,11 +508,11 @@ def train(argv: list[str]) -> int:
     train_data = prepared(script.train_data, script.train_split)
     eval_data = prepared(script.eval_data, script.eval_split) if script.eval_data else None
     with _naming("model", script.model):
-        model = load_causal_lm(script.model, **model_kwargs)
+        model = load_causal_lm(script.model, merge_adapter=True, **model_kwargs)
     ref_model = None
     if script.ref_model:
         with _naming("ref_model", script.ref_model):
-            ref_model = load_causal_lm(script.ref_model, **model_kwargs)
+            ref_model = load_causal_lm(script.ref_model, merge_adapter=True, **model_kwargs)
     if afresh:  # only now that the data and the model have loaded
         _delete_earlier_run(config.output_dir)
     if eval_data is not None and config.eval_strategy == "no":

@@ -138,9 +138,41 @@ def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerB
     return tokenizer
 
 
-def load_causal_lm(name_or_path: str, dtype: torch.dtype | str | None = None, **kwargs) -> PreTrainedModel:
-    """Load a causal LM by built-in name, local path or Hub id."""
-    return AutoModelForCausalLM.from_pretrained(resolve_model(name_or_path), dtype=dtype or "auto", **kwargs)
+def load_causal_lm(
+    name_or_path: str, dtype: torch.dtype | str | None = None, *, merge_adapter: bool = False, **kwargs
+) -> PreTrainedModel:
+    """Load a causal LM by built-in name, local path or Hub id.
+
+    A LoRA output folder (``adapter_config.json``) loads as its base model carrying the adapter, frozen;
+    ``merge_adapter=True`` merges the adapter into the base weights instead (a plain model: what DPO on
+    top of an SFT adapter starts from, and its reference).
+    """
+    model = AutoModelForCausalLM.from_pretrained(resolve_model(name_or_path), dtype=dtype or "auto", **kwargs)
+    if merge_adapter and getattr(model, "_hf_peft_config_loaded", False):
+        merge_loaded_adapter(model)
+    return model
+
+
+def merge_loaded_adapter(model: PreTrainedModel) -> PreTrainedModel:
+    """Merge the adapters transformers loaded into ``model`` (a LoRA folder) into its weights, in place,
+    and drop the adapter layers, leaving a plain model."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    if getattr(model, "hf_quantizer", None) is not None:
+        raise ValueError(
+            "cannot merge a LoRA adapter into quantised (e.g. 4-bit) weights: merge it into the "
+            "full-precision base first (PeftModel.from_pretrained(base, adapter).merge_and_unload(), then "
+            "save_pretrained) and load that folder."
+        )
+    for name, module in list(model.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            module.merge()
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, module.get_base_layer())
+    model._hf_peft_config_loaded = False
+    if hasattr(model, "peft_config"):
+        del model.peft_config
+    return model
 
 
 # --------------------------------------------------------------------------- tiny in-process models

@@ -280,6 +280,15 @@ class TIDPOTrainer(Trainer):
                     "TIDPOTrainer: got a PeftModel and a peft_config. Pass the base model with the "
                     "peft_config, or the PeftModel alone."
                 )
+            if getattr(model, "_hf_peft_config_loaded", False):
+                # get_peft_model would put a fresh adapter in place of the loaded one, without a word.
+                raise ValueError(
+                    "TIDPOTrainer: the model carries LoRA adapters loaded by transformers (a LoRA output "
+                    "folder) and a peft_config was given, which would replace them. To train a new adapter "
+                    "on top, merge them first (tidpo.models.merge_loaded_adapter(model), or "
+                    "load_causal_lm(path, merge_adapter=True)); to train them further, load them with "
+                    "PeftModel.from_pretrained(base_model, path, is_trainable=True) and pass no peft_config."
+                )
             model = get_peft_model(model, peft_config)
         self.is_peft = _is_peft_model(model)
         if not any(p.requires_grad for p in model.parameters()):
