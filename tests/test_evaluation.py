@@ -202,7 +202,7 @@ def test_run_eval_end_to_end(tmp_path, capsys):
     assert "judge/win_rate" in capsys.readouterr().out
 
 
-def test_run_eval_truncates_as_the_training_run_and_checks_cheap_inputs_first(tmp_path, monkeypatch):
+def test_run_eval_truncates_as_the_training_run_and_checks_cheap_inputs_first(tmp_path, monkeypatch, capsys):
     from tidpo import models
 
     tok = tiny_tokenizer()
@@ -228,6 +228,17 @@ def test_run_eval_truncates_as_the_training_run_and_checks_cheap_inputs_first(tm
     assert (seen["max_length"], seen["max_prompt_length"]) == (40, 3)
     run_eval(*folders, max_new_tokens=2, max_length=64, max_prompt_length=None)
     assert (seen["max_length"], seen["max_prompt_length"]) == (64, 3)  # given wins; None: the run's
+    # A checkpoint folder of that run: its run's lengths. A folder without any: the defaults, said so.
+    checkpoint = tmp_path / "policy" / "checkpoint-2"
+    tiny_causal_lm(tokenizer=tok).save_pretrained(checkpoint)
+    tok.save_pretrained(checkpoint)
+    run_eval(str(checkpoint), *folders[1:], max_new_tokens=2)
+    assert (seen["max_length"], seen["max_prompt_length"]) == (40, 3)
+    capsys.readouterr()
+    seen.clear()
+    run_eval(str(tmp_path / "ref"), *folders[1:], max_new_tokens=2, max_prompt_length=5)
+    assert "max_length" not in seen and seen["max_prompt_length"] == 5  # evaluate's default length
+    assert "truncated at --max_length 512 (the defaults)" in capsys.readouterr().out
 
     # A bad judge or data file fails before any model is loaded.
     def no_model(*args, **kwargs):

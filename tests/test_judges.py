@@ -72,7 +72,7 @@ def test_unknown_name_lists_registered():
 
 def test_non_numeric_score_is_an_error(clean_registry):
     register_judge("bad", lambda t: "great")
-    with pytest.raises(TypeError, match="'bad' returned 'great'"):
+    with pytest.raises(ValueError, match="'bad' returned 'great'"):
         get_judge("bad")("x")
 
 

@@ -709,3 +709,17 @@ def test_torch_compile_trains_ti_dpo_as_uncompiled(tmp_path, tiny_tok, pairs_dat
         losses[compiled] = [log["loss"] for log in trainer.state.log_history if "loss" in log]
     assert len(losses[True]) == 2
     assert losses[True] == pytest.approx(losses[False], rel=1e-5)
+
+
+def test_a_reference_with_another_vocabulary_is_refused(tmp_path, tiny_tok, tiny_llama, pairs_dataset):
+    from tidpo.models import tiny_tokenizer
+
+    other = tiny_causal_lm(tokenizer=tiny_tokenizer(vocab_size=400))
+    assert other.config.vocab_size != tiny_llama.config.vocab_size
+    args = make_config(tmp_path, tdpo_alpha=0.0)  # no KL: nothing else would notice
+    with pytest.raises(
+        ValueError, match=r"ref_model has a vocabulary of \d+ tokens and the policy one of \d+"
+    ):
+        TIDPOTrainer(
+            tiny_llama, ref_model=other, args=args, train_dataset=pairs_dataset, processing_class=tiny_tok
+        )

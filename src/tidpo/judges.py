@@ -120,7 +120,10 @@ def _as_two_arg(fn: Callable[..., float], name: str) -> Judge:
         try:
             return float(score)
         except (TypeError, ValueError):
-            raise TypeError(f"Judge {name!r} returned {score!r}, expected a number") from None
+            # ValueError: a user's judge to fix, reported by the CLI as one line.
+            raise ValueError(
+                f"Judge {name!r} returned {score!r}, expected a number: make it return a float score"
+            ) from None
 
     judge.__name__ = f"judge_{name}"
     judge.__doc__ = getattr(fn, "__doc__", None)

@@ -153,6 +153,27 @@ def load_causal_lm(
     return model
 
 
+def check_same_vocabulary(
+    policy: torch.nn.Module, reference: torch.nn.Module, what: str = "ref_model"
+) -> None:
+    """Refuse a reference whose vocabulary size differs from the policy's: it would score the policy's
+    token ids as ids of another tokenizer (or fail deep in the KL with mismatched logits)."""
+
+    def size(model: torch.nn.Module) -> int | None:
+        config = getattr(model, "config", None)
+        if config is None:
+            return None
+        return getattr(config.get_text_config(decoder=True), "vocab_size", None)
+
+    ours, theirs = size(policy), size(reference)
+    if ours is not None and theirs is not None and ours != theirs:
+        raise ValueError(
+            f"the {what} has a vocabulary of {theirs} tokens and the policy one of {ours}: the reference must "
+            "use the policy's tokenizer (give a reference from the same model family, e.g. the model the "
+            "policy was trained from)."
+        )
+
+
 def merge_loaded_adapter(model: PreTrainedModel) -> PreTrainedModel:
     """Merge the adapters transformers loaded into ``model`` (a LoRA folder) into its weights, in place,
     and drop the adapter layers, leaving a plain model."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -471,10 +472,16 @@ def write_eval(results: Mapping[str, Any], out_dir: str | Path) -> Path:
     return path
 
 
+_DEFAULT_LENGTHS = {"max_length": 512, "max_prompt_length": 256}  # evaluate()'s
+
+
 def _training_lengths(model: str) -> dict[str, int | None]:
     """``max_length`` / ``max_prompt_length`` of the ``tidpo train`` run that wrote ``model`` (its
-    ``run_config.json``), so ``tidpo eval`` truncates the pairs as that training did; {} otherwise."""
+    ``run_config.json``; for a ``checkpoint-N`` folder, its run's), so ``tidpo eval`` truncates the pairs
+    as that training did; {} otherwise."""
     path = Path(model) / "run_config.json"
+    if not path.is_file() and re.fullmatch(r"checkpoint-\d+", Path(model).name):
+        path = Path(model).parent / "run_config.json"  # written when the run ends
     if not path.is_file():
         return {}
     training = json.loads(path.read_text(encoding="utf-8")).get("training", {})
@@ -499,14 +506,22 @@ def run_eval(
     ``model`` (its ``run_config.json``), else :func:`evaluate`'s defaults."""
     from tidpo.data import prepare_preference_dataset
     from tidpo.judges import get_judge
-    from tidpo.models import load_causal_lm, load_tokenizer
+    from tidpo.models import check_same_vocabulary, load_causal_lm, load_tokenizer
 
     trained = _training_lengths(model)
+    defaulted = []
     for key in ("max_length", "max_prompt_length"):
         if options.get(key) is None:  # not given: the training run's, else evaluate's default
             options.pop(key, None)
             if key in trained:
                 options[key] = trained[key]
+            else:
+                defaulted.append(f"--{key} {_DEFAULT_LENGTHS[key]}")
+    if defaulted and print_table and Path(model).is_dir():
+        print(
+            f"tidpo eval: no run_config.json of {model}'s training run found, so the pairs are truncated at "
+            f"{' and '.join(defaulted)} (the defaults); give them to truncate as the training did."
+        )
     tokenizer = load_tokenizer(model)
     # The judge and the data first: a typo fails in seconds, not after two models have loaded.
     if judge is not None:
@@ -514,11 +529,12 @@ def run_eval(
     data = prepare_preference_dataset(
         data,
         tokenizer,
-        max_length=options.get("max_length", 512),
-        max_prompt_length=options.get("max_prompt_length", 256),
+        max_length=options.get("max_length", _DEFAULT_LENGTHS["max_length"]),
+        max_prompt_length=options.get("max_prompt_length", _DEFAULT_LENGTHS["max_prompt_length"]),
     )
     policy = load_causal_lm(model, dtype=dtype)
     ref = load_causal_lm(reference, dtype=dtype)
+    check_same_vocabulary(policy, ref, "reference")
     if torch.cuda.is_available():
         policy, ref = policy.to("cuda"), ref.to("cuda")
     results = evaluate(policy, ref, tokenizer, data, judge=judge, return_samples=True, **options)

@@ -42,6 +42,7 @@ from tidpo.losses import dpo_loss, ipo_loss, simpo_loss, triplet_terms, weighted
 from tidpo.models import (
     base_model,
     cache_kwarg,
+    check_same_vocabulary,
     decoder_and_head,
     ensure_pad_token,
     load_causal_lm,
@@ -316,6 +317,7 @@ class TIDPOTrainer(Trainer):
         elif isinstance(ref_model, str):
             ref_model = load_causal_lm(ref_model, **(args.model_init_kwargs or {}))
         if ref_model is not None:
+            check_same_vocabulary(model, ref_model)
             ref_model.eval()
             ref_model.requires_grad_(False)
         if args.disable_dropout:
