@@ -403,6 +403,29 @@ def test_overwrite_with_lora_after_full_weights_leaves_a_loadable_adapter(model_
     assert getattr(load_causal_lm(str(out)), "_hf_peft_config_loaded", False)
 
 
+def test_eval_data_alone_evaluates_every_eval_steps_and_keeps_the_best(model_dir, tmp_path, capsys):
+    """--eval_data without --eval_strategy evaluates every eval_steps, set before TrainingArguments checks
+    that load_best_model_at_end's save and eval strategies match (they failed as "eval strategy no")."""
+    data = data_file(tmp_path, PAIRS)
+    argv = argv_for(
+        model_dir,
+        data,
+        tmp_path,
+        max_steps=2,
+        eval_data=str(data),
+        eval_steps=1,
+        save_strategy="steps",
+        save_steps=1,
+        load_best_model_at_end="true",
+        gamma=0.0,
+    )
+    code, _, err = cli(argv, capsys)
+    assert code == 0, err
+    state = json.loads((tmp_path / "out" / "trainer_state.json").read_text())
+    assert [h["step"] for h in state["log_history"] if "eval_loss" in h] == [1, 2]
+    assert state["best_model_checkpoint"].endswith(("checkpoint-1", "checkpoint-2"))
+
+
 def test_overwrite_deletes_nothing_before_the_data_and_model_have_loaded(model_dir, tmp_path, capsys):
     data = data_file(tmp_path, PAIRS)
     out = tmp_path / "out"

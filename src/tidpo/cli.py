@@ -224,6 +224,16 @@ def parse_train_args(argv: list[str]):
     defaults = load_yaml_config(known.config) if known.config else {}
     if "output_dir" not in defaults:
         defaults["output_dir"] = "runs/tidpo"
+    # Eval data is evaluated every eval_steps (default: logging_steps) unless an eval_strategy says
+    # otherwise; set before TrainingArguments validates the strategies (load_best_model_at_end's match).
+    flags = argparse.ArgumentParser(add_help=False)
+    flags.add_argument("--eval_data")
+    flags.add_argument("--eval_strategy")
+    given = flags.parse_known_args(rest)[0]
+    if (given.eval_data or defaults.get("eval_data")) and not (
+        given.eval_strategy or "eval_strategy" in defaults
+    ):
+        defaults["eval_strategy"] = "steps"
     parser.set_defaults(**defaults)
     # look_for_args_file=False: never read options from a stray `<argv[0]>.args` file.
     *objects, extra = parser.parse_args_into_dataclasses(
@@ -515,9 +525,6 @@ def train(argv: list[str]) -> int:
             ref_model = load_causal_lm(script.ref_model, merge_adapter=True, **model_kwargs)
     if afresh:  # only now that the data and the model have loaded
         _delete_earlier_run(config.output_dir)
-    if eval_data is not None and config.eval_strategy == "no":
-        config.eval_strategy = "steps"
-        config.eval_steps = config.eval_steps or config.logging_steps
 
     report = None
     if script.report:
