@@ -494,6 +494,28 @@ def test_report_holds_the_final_eval_and_both_snapshots(model_dir, tmp_path, cap
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert f"{metrics['eval']['eval_loss']:.4g}" in page
     assert "report.html" in stdout
+    assert "&lambda;=0.7," in page and "for inspection" not in page  # the run's own weights
+
+
+@pytest.mark.parametrize(
+    ("options", "shown", "note"),
+    [
+        ({"importance_mode": "prior"}, "&lambda;=0,", None),
+        ({"importance_mode": "gradient"}, "&lambda;=1,", None),
+        ({"importance_mode": "uniform"}, "&lambda;=0.7,", "importance_mode='uniform'"),
+        ({"loss_type": "dpo"}, "&lambda;=0.7,", "loss_type='dpo', which weights every token 1"),
+    ],
+)
+def test_report_pictures_are_the_runs_weights_or_say_they_are_not(
+    model_dir, tmp_path, capsys, options, shown, note
+):
+    data = data_file(tmp_path, PAIRS)
+    argv = argv_for(model_dir, data, tmp_path, report="true", report_pairs=1, gamma=0.0, **options)
+    code, _, err = cli(argv, capsys)
+    assert code == 0, err
+    page = (tmp_path / "out" / "report.html").read_text(encoding="utf-8")
+    assert shown in page
+    assert (note in page) if note else ("for inspection" not in page)
 
 
 def test_a_report_snapshot_that_is_not_finite_says_so(nan_model_dir, tmp_path, capsys):

@@ -534,7 +534,11 @@ def train(argv: list[str]) -> int:
         report = ReportCallback(
             pairs=pairs,
             tokenizer=tokenizer,
-            lambda_importance=config.lambda_importance,
+            # The pictures show the weights the run trains with: lambda 0 / 1 for the prior / gradient
+            # ablations (other weightings: the report says so).
+            lambda_importance={"prior": 0.0, "gradient": 1.0}.get(
+                config.effective_importance_mode, config.lambda_importance
+            ),
             sigma_div=config.sigma_div,
             span=config.importance_span,
             write_on_train_end=False,  # written below, once the model is saved and evaluated

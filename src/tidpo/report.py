@@ -350,6 +350,9 @@ def write_report(
         sections.append(_eval_table(eval_results))
     if importance_snapshots:
         sections.append("<h2>Token importance</h2>")
+        note = _importance_note(config or {})
+        if note:
+            sections.append(f"<p class='muted'>{html.escape(note, quote=False)}</p>")
         sections.append(_importance_section(importance_snapshots))
     config_html = _config_section(run_dir, config)
     if config_html:
@@ -362,6 +365,18 @@ def write_report(
         page(title or f"TI-DPO run report — {run_dir.name}", "\n".join(sections), _CSS), encoding="utf-8"
     )
     return path
+
+
+def _importance_note(config: Mapping[str, Any]) -> str | None:
+    """Where the pictures (TI-DPO's attribution weights) are not the weights the run trained with, say so."""
+    loss_type, mode = config.get("loss_type", "ti_dpo"), config.get("importance_mode", "hybrid")
+    if loss_type != "ti_dpo":
+        used = f"loss_type={loss_type!r}, which weights every token 1"
+    elif mode in ("hybrid", "prior", "gradient"):
+        return None
+    else:
+        used = f"importance_mode={mode!r}"
+    return f"The pictures show TI-DPO's hybrid attribution weights, for inspection: this run trained with {used}."
 
 
 # --------------------------------------------------------------------------- trainer callback
