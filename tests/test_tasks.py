@@ -12,7 +12,7 @@ import pytest
 from tidpo.models import tiny_causal_lm, tiny_tokenizer
 from tidpo.tasks import TASKS, Task, get_task, load_prompts, make_prompts, sentiment
 from tidpo.tasks import instructions as ins
-from tidpo.tasks.build import build_pairs, prompt_key, read_pairs, ties_path
+from tidpo.tasks.build import build_pairs, prompt_key, read_pairs, settings_path, ties_path
 
 # --------------------------------------------------------------------------------- constraint checks
 
@@ -271,6 +271,13 @@ def test_build_skips_ties(tiny, tmp_path):
     # A rerun knows these prompts are done: nothing is sampled again.
     stats = _build(tiny, constant, _prompts_file(tmp_path, 4), out)
     assert stats["resumed"] == 4 and stats["generated"] == 0 and stats["ties_skipped"] == 0
+    # More samples would not re-sample the tied prompts: such a rerun is refused, saying what to delete.
+    with pytest.raises(ValueError, match=r"samples 3 -> 5.*delete .*ties\.jsonl, .*ties\.jsonl\.ties and"):
+        _build(tiny, constant, _prompts_file(tmp_path, 4), out, samples=5)
+    for path in (out, ties_path(out), settings_path(out)):
+        path.unlink()
+    stats = _build(tiny, constant, _prompts_file(tmp_path, 4), out, samples=5)
+    assert stats["resumed"] == 0 and stats["generated"] == 4
 
 
 def test_build_is_deterministic_and_flips_exactly(tiny, tmp_path):

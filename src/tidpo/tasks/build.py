@@ -11,7 +11,8 @@ skipped). Rows are written in TRL's conversational format plus metadata::
 The build is restartable: finished prompts are appended (and flushed) batch by batch, and a rerun
 with the same ``out`` skips prompts already there (keyed by prompt) and drops a half-written last
 line. Tied prompts are recorded in a side file ``<out>.ties`` (prompt and scores), so a rerun skips
-them as well instead of sampling them again. Label flipping (for label-noise experiments, paper Table B8) is applied in a final pass over
+them as well instead of sampling them again; the sampling settings in ``<out>.build.json``, and a
+rerun with other settings is refused (delete the three files to build anew). Label flipping (for label-noise experiments, paper Table B8) is applied in a final pass over
 the whole file, so exactly ``round(flip_fraction * pairs)`` pairs are flipped however often the build
 was interrupted.
 
@@ -56,6 +57,31 @@ def read_pairs(path: str | Path, *, repair: bool = False) -> list[dict[str, Any]
     else is an error naming the file and line.
     """
     return _read_jsonl(Path(path), ("prompt", "chosen", "rejected"), repair=repair)
+
+
+def settings_path(out: str | Path) -> Path:
+    """The side file holding the sampling settings a build's pairs and ties came from."""
+    out = Path(out)
+    return out.with_name(out.name + ".build.json")
+
+
+def _check_settings(out: Path, settings: dict[str, Any]) -> None:
+    """A rerun continues an earlier build only with its settings: mixed pairs would be silent, and a
+    prompt skipped as a tie would stay skipped whatever the new settings."""
+    path = settings_path(out)
+    if path.exists():
+        earlier = json.loads(path.read_text(encoding="utf-8"))
+        changed = [f"{k} {earlier.get(k)!r} -> {v!r}" for k, v in settings.items() if earlier.get(k) != v]
+        if changed:
+            raise ValueError(
+                f"{out} was built with other settings ({'; '.join(changed)}), and a rerun continues that build. "
+                f"To build with the new settings, delete {out}, {ties_path(out)} and {path}, or write to "
+                "another --out."
+            )
+    elif out.exists() or ties_path(out).exists():
+        return  # written before the settings were recorded: continued as it is
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
 
 
 def ties_path(out: str | Path) -> Path:
@@ -214,6 +240,22 @@ def build_pairs(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the read above already warned about a half-written line
             read_pairs(out_path, repair=True)
+    model_name = (
+        model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "")
+    )
+    _check_settings(
+        out_path,
+        {
+            "task": task_obj.name,
+            "model": str(model_name),
+            "samples": samples,
+            "seed": seed,
+            "max_new_tokens": max_new_tokens,
+            "temperature": temperature,
+            "top_k": top_k,
+            "top_p": top_p,
+        },
+    )
     tie_file = ties_path(out_path)
     if tie_file.exists():
         done_keys.update(prompt_key(t["prompt"]) for t in _read_jsonl(tie_file, ("prompt",), repair=True))
@@ -374,7 +416,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     if stats["pairs"] == 0:
         print(
             f"tidpo: warning: {args.out} holds no pairs: every prompt's samples scored the same (ties are "
-            f"skipped; see {args.out}.ties). Raise --samples or use prompts the judge can tell apart.",
+            f"skipped; see {args.out}.ties). Raise --samples or use prompts the judge can tell apart (and delete "
+            f"{args.out}, {args.out}.ties and {args.out}.build.json first: a rerun continues this build).",
             file=sys.stderr,
         )
     return 0
