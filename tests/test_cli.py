@@ -709,3 +709,10 @@ def test_eval_judge_paths_that_do_not_resolve_are_one_line_errors(
     expect_error(
         [*argv, "--judge", judge, "--out", str(tmp_path / "e")], capsys, f"--judge {judge}: ", fragment
     )
+
+
+def test_lora_options_without_use_peft_are_warned_about(model_dir, tmp_path, capsys):
+    data = data_file(tmp_path, PAIRS)
+    with pytest.warns(UserWarning, match=r"--lora_r, --lora_dropout set without --use_peft true"):
+        code, _, err = cli(argv_for(model_dir, data, tmp_path, lora_r=4, lora_dropout=0.1, gamma=0.0), capsys)
+    assert code == 0, err

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
+import re
+import warnings
 
 import pytest
 import torch
@@ -659,6 +662,23 @@ def test_non_finite_gradients_behind_a_finite_loss_never_reach_the_weights(
 def test_gamma_given_to_a_baseline_is_warned_about(tmp_path):
     with pytest.warns(UserWarning, match=r"gamma=1.0 is the triplet weight.*simpo_gamma"):
         TIDPOConfig(output_dir=str(tmp_path), loss_type="simpo", gamma=1.0)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"loss_type": "dpo", "importance_mode": "prior"}, "importance_mode='prior' weights the tokens"),
+        ({"loss_type": "ipo", "tdpo_alpha": 0.2}, "tdpo_alpha=0.2 is the sequential KL weight"),
+        ({"loss_type": "ti_dpo", "simpo_gamma": 1.0}, "simpo_gamma=1.0 is the target margin"),
+    ],
+)
+def test_options_a_loss_does_not_read_are_warned_about(tmp_path, options, message):
+    with pytest.warns(UserWarning, match=re.escape(message) + ".*does not use it"):
+        TIDPOConfig(output_dir=str(tmp_path), **options)
+    with warnings.catch_warnings(record=True) as caught:  # defaults, and a copy of a config: quiet
+        warnings.simplefilter("always")
+        dataclasses.replace(TIDPOConfig(output_dir=str(tmp_path), loss_type=options["loss_type"]))
+    assert not [w for w in caught if "does not use it" in str(w.message)]
 
 
 def test_random_weights_follow_the_data_rows(tmp_path, tiny_tok, tiny_llama, pairs_dataset):

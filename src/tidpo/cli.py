@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import typing
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -332,6 +333,20 @@ def _check_script_args(script: ScriptArguments) -> None:
     for option in ("num_processes", "report_pairs"):
         if getattr(script, option) < 1:
             raise CLIError(f"--{option} {getattr(script, option)}: must be >= 1.")
+    if not script.use_peft:
+        defaults = ScriptArguments()
+        changed = [
+            f"--{f.name}"
+            for f in fields(ScriptArguments)
+            if f.name.startswith("lora_") and getattr(script, f.name) != getattr(defaults, f.name)
+        ]
+        if changed:
+            warnings.warn(
+                f"{', '.join(changed)} set without --use_peft true: this run fine-tunes every weight and "
+                "does not use them (add --use_peft true to train LoRA adapters).",
+                UserWarning,
+                stacklevel=2,
+            )
 
 
 def _peft_config(script: ScriptArguments):

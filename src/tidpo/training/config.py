@@ -278,11 +278,25 @@ class TIDPOConfig(TrainingArguments):
             raise bad("sigma_div", self.sigma_div, "a number > 0")
         if not self.gamma >= 0:
             raise bad("gamma", self.gamma, "a number >= 0 (0 disables the triplet term)")
-        if self.loss_type != "ti_dpo" and self.gamma not in (0.0, 0.1):  # 0.1: the default, left alone
+        # Options set away from their defaults for a loss that does not read them: say so (defaults are
+        # left alone, so a config re-created from its own values stays quiet).
+        unused = []
+        if self.loss_type != "ti_dpo" and self.gamma not in (0.0, 0.1):
             hint = " (SimPO's target margin is simpo_gamma)" if self.loss_type == "simpo" else ""
+            unused.append(f"gamma={self.gamma} is the triplet weight of loss_type='ti_dpo'{hint}")
+        if self.loss_type != "ti_dpo" and self.importance_mode != "hybrid":
+            unused.append(
+                f"importance_mode={self.importance_mode!r} weights the tokens of loss_type='ti_dpo'"
+            )
+        if self.loss_type in ("dpo", "ipo", "simpo") and self.tdpo_alpha not in (0.0, 0.5):
+            unused.append(
+                f"tdpo_alpha={self.tdpo_alpha} is the sequential KL weight of ti_dpo / tdpo1 / tdpo2"
+            )
+        if self.loss_type != "simpo" and self.simpo_gamma != 0.5:
+            unused.append(f"simpo_gamma={self.simpo_gamma} is the target margin of loss_type='simpo'")
+        for what in unused:
             warnings.warn(
-                f"TIDPOConfig: gamma={self.gamma} is the triplet weight of loss_type='ti_dpo'; "
-                f"loss_type={self.loss_type!r} does not use it{hint}.",
+                f"TIDPOConfig: {what}; loss_type={self.loss_type!r} does not use it.",
                 UserWarning,
                 stacklevel=3,
             )
