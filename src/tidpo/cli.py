@@ -508,7 +508,9 @@ def train(argv: list[str]) -> int:
         if done >= config.max_steps:  # Trainer would still take one more step
             raise CLIError(
                 f"{checkpoint} is at step {done}, already max_steps={config.max_steps}: nothing is left to "
-                "train. Raise --max_steps to train further."
+                "train. Raise --max_steps to train further (the optimizer and learning-rate schedule then "
+                "continue from the checkpoint's state, where a decaying schedule had reached 0), or start a new "
+                "run from the saved model."
             )
 
     model_kwargs = dict(config.model_init_kwargs or {})
