@@ -461,6 +461,8 @@ def test_resume_says_when_there_is_nothing_to_resume_or_nothing_left(model_dir, 
     assert code == 0, err
     # Resuming the finished run: Trainer would take a step past max_steps; refused instead.
     expect_error([*argv, "--resume"], capsys, "is at step 2, already max_steps=2")
+    # Its full-weight checkpoint resumed as a LoRA run: said in words (torch's were about param groups).
+    expect_error([*argv, "--max_steps", "3", "--use_peft", "true", "--resume"], capsys, "holds full weights")
 
 
 def test_resume_from_checkpoint_is_read_as_resume(model_dir, tmp_path, capsys):

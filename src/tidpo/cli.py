@@ -496,6 +496,13 @@ def train(argv: list[str]) -> int:
     if resume not in (None, "latest") and not Path(resume).is_dir():
         raise FileNotFoundError(f"--resume {resume}: no such checkpoint folder.")
     checkpoint = _latest_checkpoint(config.output_dir) if resume == "latest" else resume
+    if checkpoint is not None:
+        adapter = (Path(checkpoint) / "adapter_config.json").is_file()
+        if adapter != script.use_peft:  # else the optimizer state fails to load, in torch's words
+            raise CLIError(
+                f"{checkpoint} holds {'LoRA adapters' if adapter else 'full weights'}, so --use_peft must be "
+                f"{'true' if adapter else 'false'} to resume it (as in the run that wrote it)."
+            )
     afresh = None
     if checkpoint is None:
         afresh = "--resume found no complete checkpoint in it" if resume else "this run starts afresh"
