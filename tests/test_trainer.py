@@ -743,3 +743,37 @@ def test_a_reference_with_another_vocabulary_is_refused(tmp_path, tiny_tok, tiny
         TIDPOTrainer(
             tiny_llama, ref_model=other, args=args, train_dataset=pairs_dataset, processing_class=tiny_tok
         )
+
+
+def test_float_dropout_rates_are_off_too(tmp_path, tiny_tok, pairs_dataset):
+    # OPT-style models keep their dropout rates as floats (`dropout`, `activation_dropout`, `layerdrop`)
+    # and call the functional dropout: disable_dropout must zero them (training forwards deterministic,
+    # as the fused attribution needs), and with disable_dropout=False they must count as active dropout.
+    from transformers import OPTConfig, OPTForCausalLM
+
+    from tidpo.training.trainer import _dropout_active
+
+    def opt():
+        torch.manual_seed(0)
+        config = OPTConfig(
+            vocab_size=len(tiny_tok), hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+            word_embed_proj_dim=32, max_position_embeddings=128, dropout=0.3, activation_dropout=0.3,
+            layerdrop=0.3, pad_token_id=tiny_tok.pad_token_id,
+        )  # fmt: skip
+        return OPTForCausalLM(config)
+
+    assert _dropout_active(opt())
+    trainer = TIDPOTrainer(
+        opt(), args=make_config(tmp_path), train_dataset=pairs_dataset, processing_class=tiny_tok
+    )
+    for model in (trainer.model, trainer.ref_model):
+        assert not _dropout_active(model)
+        model.train()
+        ids = torch.randint(5, 90, (2, 12))
+        with torch.no_grad():
+            torch.testing.assert_close(
+                model(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0
+            )
+    args = make_config(tmp_path, disable_dropout=False)
+    trainer = TIDPOTrainer(opt(), args=args, train_dataset=pairs_dataset, processing_class=tiny_tok)
+    assert _dropout_active(trainer.model)

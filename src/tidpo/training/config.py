@@ -152,7 +152,8 @@ class TIDPOConfig(TrainingArguments):
             `{"dtype": "bfloat16"}`).
         disable_dropout (`bool`, defaults to `True`):
             Set every dropout probability of the policy and the reference to 0: the `nn.Dropout` modules
-            (as TRL does) and the attention dropout rate of Llama-style attention (`attention_dropout`).
+            (as TRL does) and the rates models keep as floats: Llama-style `attention_dropout`, OPT-style
+            `dropout` / `activation_dropout` / `layerdrop`.
             The attribution of Eq. 5-6 is defined without dropout: with `False` and a model that drops
             anything, the attribution runs as its own eval-mode pass (`attribution_pass="separate"`).
 

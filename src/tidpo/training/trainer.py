@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import math
+import re
 import warnings
 from collections import defaultdict
 from typing import Any
@@ -167,17 +168,29 @@ def _nonfinite_in_context(err: NonFiniteError, step: int, pair_ids: torch.Tensor
     return NonFiniteError(f"{message.rstrip('.')} -- {'; '.join(extra)}.", batch_rows=err.batch_rows)
 
 
+# Dropout rates kept as plain floats and passed to the functional dropout / attention kernel when the
+# module is training: Llama-style `attention_dropout`, OPT/BioGPT/XGLM-style `dropout`,
+# `activation_dropout` and `layerdrop`, GPT-2-style config `*_pdrop`.
+_RATE_NAME = re.compile(r".*(dropout|pdrop)|layerdrop")
+
+
+def _float_rates(obj: object) -> list[str]:
+    return [
+        name
+        for name, value in vars(obj).items()
+        if isinstance(value, float) and not isinstance(value, bool) and _RATE_NAME.fullmatch(name)
+    ]
+
+
 def _disable_dropout(model: nn.Module) -> None:
-    # nn.Dropout modules, and the attention dropout rate Llama-style attention modules keep as a float
-    # (read from config.attention_dropout when they were built) and pass to the attention kernel.
+    # nn.Dropout modules, and the rates modules (and their configs) keep as floats.
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.0
-        if isinstance(getattr(module, "attention_dropout", None), float):
-            module.attention_dropout = 0.0
-        config = getattr(module, "config", None)
-        if isinstance(getattr(config, "attention_dropout", None), float):
-            config.attention_dropout = 0.0
+        for owner in (module, getattr(module, "config", None)):
+            if owner is not None and hasattr(owner, "__dict__"):
+                for name in _float_rates(owner):
+                    setattr(owner, name, 0.0)
 
 
 def _dropout_active(model: nn.Module) -> bool:
@@ -185,8 +198,7 @@ def _dropout_active(model: nn.Module) -> bool:
     for module in model.modules():
         if isinstance(module, nn.Dropout) and module.p > 0:
             return True
-        rate = getattr(module, "attention_dropout", None)
-        if isinstance(rate, float) and rate > 0:
+        if any(getattr(module, name) > 0 for name in _float_rates(module)):
             return True
     return False
 
