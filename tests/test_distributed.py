@@ -166,7 +166,8 @@ def test_ddp_full_ti_dpo_logs_are_finite_and_identical_across_ranks(ddp_runs, ru
 
 
 def test_cli_num_processes_relaunches_under_accelerate(tmp_path, tiny_tok):
-    """`tidpo train --num_processes 2` hands over to accelerate and trains with 2 processes."""
+    """`tidpo train --num_processes 2` hands over to accelerate and trains with 2 processes; without GPUs
+    it adds use_cpu itself (without it each worker trained alone, into the same output_dir)."""
     from conftest import PAIRS
     from tidpo.models import tiny_causal_lm
 
@@ -183,7 +184,7 @@ def test_cli_num_processes_relaunches_under_accelerate(tmp_path, tiny_tok):
                 "train_data": str(data),
                 "output_dir": str(tmp_path / "out"),
                 "num_processes": 2,
-                "use_cpu": True,
+                **({"use_cpu": True} if torch.cuda.is_available() else {}),
                 "max_steps": 2,
                 "per_device_train_batch_size": 2,
                 "learning_rate": 1e-3,
@@ -207,6 +208,16 @@ def test_cli_num_processes_relaunches_under_accelerate(tmp_path, tiny_tok):
     )
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     assert "relaunching under accelerate" in result.stdout
+    if torch.cuda.is_available():
+        return
+    assert "--use_cpu true" in result.stdout
+    # Launched by hand without use_cpu: refused, instead of two lone trainings into one output_dir.
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launch += ["--main_process_port", "0", "-m", "tidpo.cli", "train", "--config", str(config)]
+    launch += ["--output_dir", str(tmp_path / "by_hand")]
+    result = subprocess.run(launch, env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "add --use_cpu true" in result.stderr, result.stderr[-4000:]
+    assert not (tmp_path / "by_hand" / "model.safetensors").exists()
     state = json.loads((tmp_path / "out" / "trainer_state.json").read_text())
     # 8 pairs, 2 steps of 2 processes x 2 pairs = one epoch; one process would be at epoch 0.5.
     assert state["global_step"] == 2 and state["epoch"] == pytest.approx(1.0)

@@ -256,7 +256,7 @@ def parse_train_args(argv: list[str]):
 
 
 def _relaunch_with_accelerate(
-    num_processes: int, argv: list[str], accelerate_config: str | None = None
+    num_processes: int, argv: list[str], accelerate_config: str | None = None, use_cpu: bool = False
 ) -> int:
     import importlib.util
 
@@ -285,6 +285,11 @@ def _relaunch_with_accelerate(
         # --multi_gpu always starts N (gloo on CPU-only machines, NCCL on GPUs). Port 0 = a free port,
         # so two single-node runs on one machine do not collide on the default 29500.
         cmd += ["--multi_gpu", "--main_process_port", "0"]
+        import torch
+
+        if not torch.cuda.is_available() and not use_cpu:
+            # Without it each CPU worker would train alone (transformers sees no distributed setup).
+            forwarded += ["--use_cpu", "true"]
     cmd += ["-m", "tidpo.cli", "train", *forwarded]
     print("tidpo: relaunching under accelerate:", " ".join(cmd), flush=True)
     launcher = subprocess.Popen(cmd)
@@ -485,7 +490,15 @@ def train(argv: list[str]) -> int:
         resume = config.resume_from_checkpoint
     in_launcher = "LOCAL_RANK" in os.environ or "ACCELERATE_MIXED_PRECISION" in os.environ
     if script.num_processes > 1 and not in_launcher:
-        return _relaunch_with_accelerate(script.num_processes, argv, script.accelerate_config)
+        return _relaunch_with_accelerate(script.num_processes, argv, script.accelerate_config, config.use_cpu)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and config.world_size != world:
+        # e.g. `accelerate launch` on a machine without GPUs, without use_cpu: every worker would train
+        # on its own, into the same output_dir.
+        raise CLIError(
+            f"launched as {world} processes, but the training sees {config.world_size}: on a machine without "
+            "GPUs add --use_cpu true (gloo), or check the launcher's configuration."
+        )
 
     from tidpo.models import load_causal_lm, load_tokenizer
     from tidpo.training.trainer import TIDPOTrainer
