@@ -111,6 +111,20 @@ def test_ddp_weights_match_single_process(ddp_runs, tiny_tok):
     assert [h["rewards/accuracies"] for h in ddp_logs[1:]] == [
         h["rewards/accuracies"] for h in single_logs[1:]
     ]
+    # Evaluation on 7 pairs: the padding row of the ranks' last batch counts nowhere (loss, metrics).
+    ddp_eval, single_eval = info0["evaluation"], single_info["evaluation"]
+    timings = ("eval_runtime", "eval_samples_per_second", "eval_steps_per_second")
+    assert {k: v for k, v in ddp_eval.items() if k not in timings} == {
+        k: v for k, v in info1["evaluation"].items() if k not in timings
+    }
+    for key in (
+        "eval_loss",
+        "eval_rewards/margins",
+        "eval_logps/rejected",
+        "eval_logits/chosen",
+        "eval_weights/std",
+    ):
+        assert ddp_eval[key] == pytest.approx(single_eval[key], rel=1e-5, abs=1e-7), key
 
 
 def test_ddp_skips_a_non_finite_batch_on_one_rank_without_hanging(ddp_runs):

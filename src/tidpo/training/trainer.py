@@ -1271,7 +1271,16 @@ class TIDPOTrainer(Trainer):
             chosen_rewards = args.beta * c_lr.sum(1) / c_mask.sum(1).clamp(min=1)
             rejected_rewards = args.beta * r_lr.sum(1) / r_mask.sum(1).clamp(min=1)
         check_finite("per-pair loss", losses.detach(), rows=pair_ids, step=step)
-        loss = losses.mean()
+
+        # An eval batch's loss and metrics cover its data pairs only (`_real_pairs`): the first `keep`
+        # pairs; `rows` takes their chosen and rejected rows.
+        keep = n_pairs if model.training else self._real_pairs(n_pairs)
+
+        def rows(t: torch.Tensor) -> torch.Tensor:
+            return t if keep == n_pairs else torch.cat([t[:keep], t[n_pairs : n_pairs + keep]])
+
+        # (A rank whose eval batch is all padding returns its batch's mean: `gather_for_metrics` drops it.)
+        loss = losses[:keep].mean() if keep else losses.mean()
 
         metrics: dict[str, torch.Tensor] = {}  # this rank's stats, reduced in `compute_loss`
         if args.uses_triplet:
@@ -1279,24 +1288,39 @@ class TIDPOTrainer(Trainer):
             c, c_mask_p = pack_to_response_start(r_lr, r_mask)
             d, d_mask = pack_to_response_start(a_logratios, a_cmask)
             triplet = triplet_terms(d, d_mask, b, b_mask, c, c_mask_p, args.triplet_margin)
-            loss = loss + args.gamma * triplet.loss.mean()
-            metrics["triplet/loss"] = self._gather_mean(triplet.loss)
-            metrics["triplet/dist_pos"] = self._gather_mean(triplet.dist_pos)
-            metrics["triplet/dist_neg"] = self._gather_mean(triplet.dist_neg)
-            metrics["anchor/length"] = self._gather_mean(a_cmask.sum(1).float())
+            loss = loss + args.gamma * (triplet.loss[:keep] if keep else triplet.loss).mean()
+            metrics["triplet/loss"] = self._gather_mean(triplet.loss[:keep])
+            metrics["triplet/dist_pos"] = self._gather_mean(triplet.dist_pos[:keep])
+            metrics["triplet/dist_neg"] = self._gather_mean(triplet.dist_neg[:keep])
+            metrics["anchor/length"] = self._gather_mean(a_cmask[:keep].sum(1).float())
         check_finite("loss", loss.detach().reshape(1), step=step)
 
         metrics.update(
             self._pair_metrics(
-                chosen_rewards, rejected_rewards, policy_logps, logits[:, :width], cmask, n_pairs
+                chosen_rewards[:keep],
+                rejected_rewards[:keep],
+                rows(policy_logps),
+                rows(logits[:, :width]),
+                rows(cmask),
+                keep,
             )
         )
         if kl is not None:
-            metrics["kl/chosen"] = self._gather_mean(c_kl.sum(1))
-            metrics["kl/rejected"] = self._gather_mean(r_kl.sum(1))
+            metrics["kl/chosen"] = self._gather_mean(c_kl[:keep].sum(1))
+            metrics["kl/rejected"] = self._gather_mean(r_kl[:keep].sum(1))
         if lt == "ti_dpo":  # the baselines weight every token 1
-            metrics.update(self._weight_metrics(weights, cmask))
+            metrics.update(self._weight_metrics(rows(weights), rows(cmask)))
         return loss, metrics
+
+    def _real_pairs(self, n_pairs: int) -> int:
+        """How many of this eval batch's pairs are data. On several processes accelerate fills the last
+        batch of an eval set with rows from its start, so every rank has a full batch; those rows come
+        last in the ranks' order, and `gather_for_metrics` drops them from gathered predictions. The
+        metrics here are sums over the ranks: they must drop them too."""
+        state = self.accelerator.gradient_state
+        if self.accelerator.num_processes == 1 or not state.end_of_dataloader or state.remainder <= 0:
+            return n_pairs
+        return max(0, min(n_pairs, state.remainder - self.accelerator.process_index * n_pairs))
 
     def _get_grad_norm(self, model, grad_norm=None):
         # `Trainer` computes the norm (clipping) right before the optimizer step: a finite loss whose
