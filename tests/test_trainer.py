@@ -777,3 +777,33 @@ def test_float_dropout_rates_are_off_too(tmp_path, tiny_tok, pairs_dataset):
     args = make_config(tmp_path, disable_dropout=False)
     trainer = TIDPOTrainer(opt(), args=args, train_dataset=pairs_dataset, processing_class=tiny_tok)
     assert _dropout_active(trainer.model)
+
+
+def test_a_smaller_last_micro_batch_weighs_by_its_pairs(tmp_path, tiny_tok, pairs_dataset):
+    # 8 pairs as micro-batches of 3 + 3 + 2 in one optimizer step = one batch of 8 (SGD: the update is
+    # the gradient); a plain mean per micro-batch would weigh the 2 pairs as much as the 3.
+    assert len(pairs_dataset) == 8
+    params = {}
+    for batch, accumulation in ((8, 1), (3, 3)):
+        args = make_config(
+            tmp_path / f"b{batch}",
+            per_device_train_batch_size=batch,
+            gradient_accumulation_steps=accumulation,
+            max_steps=-1,
+            num_train_epochs=1,
+            gamma=0.0,
+            optim="sgd",
+            learning_rate=0.5,
+        )
+        model, ref = tiny_causal_lm(tokenizer=tiny_tok), tiny_causal_lm(tokenizer=tiny_tok, seed=1)
+        trainer = TIDPOTrainer(
+            model, ref_model=ref, args=args, train_dataset=pairs_dataset, processing_class=tiny_tok
+        )  # a reference apart from the policy: the pairs' losses differ
+        trainer.train()
+        assert trainer.state.global_step == 1
+        params[batch] = params_snapshot(trainer.model)
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        params[f"loss{batch}"] = losses[0]
+    assert params["loss3"] == pytest.approx(params["loss8"], rel=1e-5)
+    for name, value in params[8].items():
+        torch.testing.assert_close(params[3][name], value, rtol=0, atol=2e-6, msg=name)

@@ -376,6 +376,7 @@ class TIDPOTrainer(Trainer):
         }
         self._nonfinite_skipped = 0  # batches this rank skipped
         self._skipped_total = 0.0  # batches skipped on any rank (skip_nonfinite_batches)
+        self._step_pairs: int | None = None  # pairs in the current optimizer step (`get_batch_samples`)
         self._eval_prefix = "eval"
         # skip_nonfinite_batches: losses of the kept training batches and skipped count since the last log,
         # and the run's (sum, count, skipped) of them.
@@ -689,6 +690,8 @@ class TIDPOTrainer(Trainer):
         # The Trainer fetches an optimizer step's micro-batches before the first of them runs: the place
         # to sample their anchors together.
         batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        # Pairs in this optimizer step on this rank: `compute_loss` weighs each micro-batch by its share.
+        self._step_pairs = sum(int(batch["input_ids"].shape[0]) // 2 for batch in batches)
         if self.args.uses_triplet:
             self._presample_anchors(batches)
             # Micro-batches that sample in their own step get seeds of their own (groups 0, -1, -2, ...;
@@ -924,6 +927,12 @@ class TIDPOTrainer(Trainer):
             loss = sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
             metrics = {}
         mode = "train" if model.training else "eval"
+        if mode == "train" and self._step_pairs:
+            # The loss is a mean over the micro-batch's pairs and Trainer divides it by the number of
+            # micro-batches: right when they are equal. A step's last, smaller micro-batch (end of an
+            # epoch) must weigh by its pairs, as in one batch of all of them.
+            pairs = inputs["input_ids"].shape[0] // 2
+            loss = loss * (pairs * self.current_gradient_accumulation_steps / self._step_pairs)
         if self.args.skip_nonfinite_batches:
             skipped_here = float(skipped)
             if self.accelerator.num_processes > 1:
