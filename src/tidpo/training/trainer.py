@@ -376,7 +376,8 @@ class TIDPOTrainer(Trainer):
         }
         self._nonfinite_skipped = 0  # batches this rank skipped
         self._skipped_total = 0.0  # batches skipped on any rank (skip_nonfinite_batches)
-        self._step_pairs: int | None = None  # pairs in the current optimizer step (`get_batch_samples`)
+        # (pairs, micro-batches) of the current optimizer step on this rank (`get_batch_samples`)
+        self._step_pairs: tuple[int, int] | None = None
         self._eval_prefix = "eval"
         # skip_nonfinite_batches: losses of the kept training batches and skipped count since the last log,
         # and the run's (sum, count, skipped) of them.
@@ -691,7 +692,8 @@ class TIDPOTrainer(Trainer):
         # to sample their anchors together.
         batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
         # Pairs in this optimizer step on this rank: `compute_loss` weighs each micro-batch by its share.
-        self._step_pairs = sum(int(batch["input_ids"].shape[0]) // 2 for batch in batches)
+        # (Trainer divides each micro-batch's loss by their number, `current_gradient_accumulation_steps`.)
+        self._step_pairs = (sum(int(batch["input_ids"].shape[0]) // 2 for batch in batches), len(batches))
         if self.args.uses_triplet:
             self._presample_anchors(batches)
             # Micro-batches that sample in their own step get seeds of their own (groups 0, -1, -2, ...;
@@ -931,8 +933,10 @@ class TIDPOTrainer(Trainer):
             # The loss is a mean over the micro-batch's pairs and Trainer divides it by the number of
             # micro-batches: right when they are equal. A step's last, smaller micro-batch (end of an
             # epoch) must weigh by its pairs, as in one batch of all of them.
-            pairs = inputs["input_ids"].shape[0] // 2
-            loss = loss * (pairs * self.current_gradient_accumulation_steps / self._step_pairs)
+            pairs, micro_batches = self._step_pairs
+            share = inputs["input_ids"].shape[0] // 2 * micro_batches / pairs
+            if share != 1.0:
+                loss = loss * share
         if self.args.skip_nonfinite_batches:
             skipped_here = float(skipped)
             if self.accelerator.num_processes > 1:
