@@ -366,6 +366,29 @@ def test_dpo_on_top_of_a_lora_run_starts_from_its_adapter(model_dir, tmp_path, c
         torch.testing.assert_close(merged(ids).logits, load_causal_lm(str(sft))(ids).logits)
 
 
+def test_merging_a_lora_folder_with_modules_saved_whole(model_dir, tmp_path):
+    """An adapter with `modules_to_save` (a trained lm_head copy): merged, the model is plain (the base
+    model's parameter names, nothing of PEFT left) and computes what the PeftModel did."""
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from tidpo.models import load_causal_lm
+
+    lora = LoraConfig(r=4, target_modules="all-linear", modules_to_save=["lm_head"], task_type="CAUSAL_LM")
+    peft_model = get_peft_model(load_causal_lm(str(model_dir)), lora)
+    torch.manual_seed(0)
+    for param in peft_model.parameters():
+        if param.requires_grad:
+            param.data += 0.05 * torch.randn_like(param)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    merged = load_causal_lm(str(tmp_path / "adapter"), merge_adapter=True)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, peft_model(ids).logits, rtol=1e-5, atol=1e-5)
+    assert not any(isinstance(m, BaseTunerLayer) or hasattr(m, "modules_to_save") for m in merged.modules())
+    assert set(merged.state_dict()) == set(load_causal_lm(str(model_dir)).state_dict())
+
+
 def test_a_loaded_adapter_and_a_peft_config_are_refused(model_dir, tmp_path, capsys):
     from peft import LoraConfig
 

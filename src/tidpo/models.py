@@ -185,11 +185,22 @@ def merge_loaded_adapter(model: PreTrainedModel) -> PreTrainedModel:
             "full-precision base first (PeftModel.from_pretrained(base, adapter).merge_and_unload(), then "
             "save_pretrained) and load that folder."
         )
+
+    def replace(name: str, new: torch.nn.Module) -> None:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, new)
+
+    # Modules saved whole (`modules_to_save`, e.g. lm_head): their trained copy takes their place.
+    for name, module in list(model.named_modules()):
+        if hasattr(module, "unload_and_optionally_merge_module"):
+            replace(
+                name,
+                module.unload_and_optionally_merge_module(merge=True, safe_merge=False, adapter_names=None),
+            )
     for name, module in list(model.named_modules()):
         if isinstance(module, BaseTunerLayer):
             module.merge()
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, module.get_base_layer())
+            replace(name, module.get_base_layer())
     model._hf_peft_config_loaded = False
     if hasattr(model, "peft_config"):
         del model.peft_config
