@@ -356,6 +356,12 @@ def test_dpo_on_top_of_a_lora_run_starts_from_its_adapter(model_dir, tmp_path, c
         runs[name] = first_log(tmp_path / name)
     assert runs["on_sft"]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)  # reference = the merged start
     assert runs["on_sft"]["logps/chosen"] != pytest.approx(runs["on_base"]["logps/chosen"], abs=1e-4)
+    # Full fine-tuning of the merged model (transformers had frozen the base under the adapter).
+    code, _, err = cli(train_argv(sft, data, tmp_path / "full_on_sft", max_steps=1), capsys)
+    assert code == 0, err
+    assert first_log(tmp_path / "full_on_sft")["logps/chosen"] == pytest.approx(
+        runs["on_sft"]["logps/chosen"]
+    )
 
     from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -458,6 +464,17 @@ def test_overwrite_deletes_nothing_before_the_data_and_model_have_loaded(model_d
     missing = tmp_path / "missing.jsonl"
     expect_error(argv_for(model_dir, missing, tmp_path, overwrite_output_dir="true"), capsys, str(missing))
     assert sorted(p.name for p in out.iterdir()) == before  # the earlier run is intact
+    # Nor before the trainer's own checks (here: a reference with another vocabulary).
+    from tidpo.models import tiny_causal_lm, tiny_tokenizer
+
+    other = tmp_path / "other_vocab"
+    tiny_causal_lm(tokenizer=tiny_tokenizer(vocab_size=400)).save_pretrained(other)
+    expect_error(
+        [*argv_for(model_dir, data, tmp_path, overwrite_output_dir="true"), "--ref_model", str(other)],
+        capsys,
+        "vocabulary",
+    )
+    assert sorted(p.name for p in out.iterdir()) == before
     # The model's own folder as output_dir: refused, with or without --overwrite_output_dir.
     argv = train_argv(model_dir, data, model_dir, max_steps=1, overwrite_output_dir="true")
     expect_error(argv, capsys, "is the --model folder")

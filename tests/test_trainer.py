@@ -766,6 +766,7 @@ def test_float_dropout_rates_are_off_too(tmp_path, tiny_tok, pairs_dataset):
     trainer = TIDPOTrainer(
         opt(), args=make_config(tmp_path), train_dataset=pairs_dataset, processing_class=tiny_tok
     )
+    assert trainer.model.config.dropout == 0.3  # the saved config keeps the model's own rates
     for model in (trainer.model, trainer.ref_model):
         assert not _dropout_active(model)
         model.train()

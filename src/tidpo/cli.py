@@ -560,8 +560,6 @@ def train(argv: list[str]) -> int:
     if script.ref_model:
         with _naming("ref_model", script.ref_model):
             ref_model = load_causal_lm(script.ref_model, merge_adapter=True, **model_kwargs)
-    if afresh:  # only now that the data and the model have loaded
-        _delete_earlier_run(config.output_dir)
 
     report = None
     if script.report:
@@ -591,6 +589,8 @@ def train(argv: list[str]) -> int:
         peft_config=_peft_config(script),
         callbacks=[report] if report else None,
     )
+    if afresh:  # only now that the data, the models and the trainer's own checks have passed
+        _delete_earlier_run(config.output_dir)
     if checkpoint is not None:
         print(f"tidpo: resuming from {checkpoint}", flush=True)
     result = trainer.train(resume_from_checkpoint=checkpoint)

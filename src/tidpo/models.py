@@ -88,11 +88,13 @@ def resolve_model(name_or_path: str) -> str:
     """Return a path or Hub id that ``from_pretrained`` can load.
 
     A built-in short name (see ``EMBEDDED_MODELS``) is converted from GGUF to a cached transformers
-    folder on first use; anything else is returned unchanged.
+    folder on first use; a local folder becomes its absolute path; anything else is returned unchanged.
     """
     key = name_or_path.lower()
     if key not in EMBEDDED_MODELS:
-        return name_or_path
+        # A local folder by its absolute path: the name a LoRA adapter records for its base model, which
+        # must load from any working directory.
+        return str(Path(name_or_path).resolve()) if Path(name_or_path).is_dir() else name_or_path
     target = cache_dir() / "models" / EMBEDDED_MODELS[key][1].removesuffix(".gguf")
     if (target / "config.json").exists() and (target / "tokenizer_config.json").exists():
         return str(target)
@@ -169,8 +171,9 @@ def check_same_vocabulary(
     if ours is not None and theirs is not None and ours != theirs:
         raise ValueError(
             f"the {what} has a vocabulary of {theirs} tokens and the policy one of {ours}: the reference must "
-            "use the policy's tokenizer (give a reference from the same model family, e.g. the model the "
-            "policy was trained from)."
+            "use the policy's tokenizer and vocabulary size (give a reference from the same model family, "
+            "e.g. the model the policy was trained from; if only the embedding padding differs, "
+            "resize_token_embeddings one of them to match)."
         )
 
 
@@ -204,6 +207,7 @@ def merge_loaded_adapter(model: PreTrainedModel) -> PreTrainedModel:
     model._hf_peft_config_loaded = False
     if hasattr(model, "peft_config"):
         del model.peft_config
+    model.requires_grad_(True)  # transformers froze the base under the adapter; a plain model trains
     return model
 
 

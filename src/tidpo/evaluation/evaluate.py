@@ -516,7 +516,7 @@ def run_eval(
             if key in trained:
                 options[key] = trained[key]
             else:
-                defaulted.append(f"--{key} {_DEFAULT_LENGTHS[key]}")
+                defaulted.append(f"--{key.replace('_', '-')} {_DEFAULT_LENGTHS[key]}")  # tidpo eval's flags
     if defaulted and print_table and Path(model).is_dir():
         print(
             f"tidpo eval: no run_config.json of {model}'s training run found, so the pairs are truncated at "

@@ -243,6 +243,8 @@ def build_pairs(
     model_name = (
         model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "")
     )
+    if model_name and Path(model_name).exists():  # one folder, however it is spelled
+        model_name = str(Path(model_name).resolve())
     _check_settings(
         out_path,
         {

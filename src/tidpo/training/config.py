@@ -299,7 +299,7 @@ class TIDPOConfig(TrainingArguments):
             warnings.warn(
                 f"TIDPOConfig: {what}; loss_type={self.loss_type!r} does not use it.",
                 UserWarning,
-                stacklevel=3,
+                stacklevel=4,  # the caller of TIDPOConfig(...) (past the generated __init__)
             )
         if not self.tdpo_alpha >= 0:
             raise bad("tdpo_alpha", self.tdpo_alpha, "a number >= 0 (0 disables the sequential KL)")

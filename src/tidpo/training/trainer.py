@@ -183,14 +183,16 @@ def _float_rates(obj: object) -> list[str]:
 
 
 def _disable_dropout(model: nn.Module) -> None:
-    # nn.Dropout modules, and the rates modules (and their configs) keep as floats.
+    # nn.Dropout modules and the rates modules keep as floats; configs keep their values (they are
+    # saved with the model), but for attention_dropout, which some attention code reads from there.
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.0
-        for owner in (module, getattr(module, "config", None)):
-            if owner is not None and hasattr(owner, "__dict__"):
-                for name in _float_rates(owner):
-                    setattr(owner, name, 0.0)
+        for name in _float_rates(module):
+            setattr(module, name, 0.0)
+        config = getattr(module, "config", None)
+        if isinstance(getattr(config, "attention_dropout", None), float):
+            config.attention_dropout = 0.0
 
 
 def _dropout_active(model: nn.Module) -> bool:
