@@ -94,7 +94,11 @@ def resolve_model(name_or_path: str) -> str:
     if key not in EMBEDDED_MODELS:
         # A local folder by its absolute path: the name a LoRA adapter records for its base model, which
         # must load from any working directory.
-        return str(Path(name_or_path).resolve()) if Path(name_or_path).is_dir() else name_or_path
+        return (
+            str(Path(name_or_path).resolve())
+            if name_or_path and Path(name_or_path).is_dir()
+            else name_or_path
+        )
     target = cache_dir() / "models" / EMBEDDED_MODELS[key][1].removesuffix(".gguf")
     if (target / "config.json").exists() and (target / "tokenizer_config.json").exists():
         return str(target)
