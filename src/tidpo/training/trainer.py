@@ -176,9 +176,7 @@ _RATE_NAME = re.compile(r".*(dropout|pdrop)|layerdrop")
 
 def _float_rates(obj: object) -> list[str]:
     return [
-        name
-        for name, value in vars(obj).items()
-        if isinstance(value, float) and not isinstance(value, bool) and _RATE_NAME.fullmatch(name)
+        name for name, value in vars(obj).items() if isinstance(value, float) and _RATE_NAME.fullmatch(name)
     ]
 
 
@@ -1294,8 +1292,9 @@ class TIDPOTrainer(Trainer):
         def rows(t: torch.Tensor) -> torch.Tensor:
             return t if keep == n_pairs else torch.cat([t[:keep], t[n_pairs : n_pairs + keep]])
 
-        # (A rank whose eval batch is all padding returns its batch's mean: `gather_for_metrics` drops it.)
-        loss = losses[:keep].mean() if keep else losses.mean()
+        # (A rank whose eval batch is all padding returns its batch's loss: `gather_for_metrics` drops it.)
+        counted = keep or n_pairs
+        loss = losses[:counted].mean()
 
         metrics: dict[str, torch.Tensor] = {}  # this rank's stats, reduced in `compute_loss`
         if args.uses_triplet:
@@ -1303,7 +1302,7 @@ class TIDPOTrainer(Trainer):
             c, c_mask_p = pack_to_response_start(r_lr, r_mask)
             d, d_mask = pack_to_response_start(a_logratios, a_cmask)
             triplet = triplet_terms(d, d_mask, b, b_mask, c, c_mask_p, args.triplet_margin)
-            loss = loss + args.gamma * (triplet.loss[:keep] if keep else triplet.loss).mean()
+            loss = loss + args.gamma * triplet.loss[:counted].mean()
             metrics["triplet/loss"] = self._gather_mean(triplet.loss[:keep])
             metrics["triplet/dist_pos"] = self._gather_mean(triplet.dist_pos[:keep])
             metrics["triplet/dist_neg"] = self._gather_mean(triplet.dist_neg[:keep])
