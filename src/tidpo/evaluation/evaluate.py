@@ -216,6 +216,9 @@ def _mean(values: Sequence[float]) -> float:
     return math.fsum(values) / len(values)
 
 
+_DEFAULT_LENGTHS = {"max_length": 512, "max_prompt_length": 256}  # evaluate()'s, also named by tidpo eval
+
+
 def evaluate(
     policy: torch.nn.Module,
     reference: torch.nn.Module | None,
@@ -232,8 +235,8 @@ def evaluate(
     temperature: float = 0.8,
     top_k: int | None = 50,
     top_p: float | None = 0.95,
-    max_length: int | None = 512,
-    max_prompt_length: int | None = 256,
+    max_length: int | None = _DEFAULT_LENGTHS["max_length"],
+    max_prompt_length: int | None = _DEFAULT_LENGTHS["max_prompt_length"],
     return_samples: bool = False,
 ) -> dict[str, Any]:
     """Evaluate ``policy`` against ``reference`` on preference pairs.
@@ -470,9 +473,6 @@ def write_eval(results: Mapping[str, Any], out_dir: str | Path) -> Path:
             for sample in results["samples"]:
                 fh.write(json.dumps(sample, ensure_ascii=False) + "\n")
     return path
-
-
-_DEFAULT_LENGTHS = {"max_length": 512, "max_prompt_length": 256}  # evaluate()'s
 
 
 def _training_lengths(model: str) -> dict[str, int | None]:
