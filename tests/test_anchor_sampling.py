@@ -189,3 +189,59 @@ def test_no_presampling_without_accumulation_or_triplet(tiny_llama, tiny_tok, pa
 def test_negative_anchor_sampling_rows_is_refused(tmp_path):
     with pytest.raises(ValueError, match="anchor_sampling_rows=-1"):
         TIDPOConfig(output_dir=str(tmp_path), anchor_sampling_rows=-1, use_cpu=True)
+
+
+def _favour(model, token: int) -> None:
+    """Give the LM head a bias that makes ``token`` the policy's sure next token."""
+    old = model.lm_head
+    head = torch.nn.Linear(old.in_features, old.out_features, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(old.weight)
+        head.bias.zero_()
+        head.bias[token] = 50.0
+    model.lm_head = head
+
+
+def test_anchors_stop_at_the_generation_configs_extra_stop_ids(tiny_llama, tiny_tok, pairs_dataset, tmp_path):
+    """A chat model's end-of-turn id listed in its generation config ends an anchor, as in `generate`."""
+    end_of_turn = tiny_tok.convert_tokens_to_ids("<|im_start|>")  # any id other than the tokenizer's EOS
+    tiny_llama.generation_config.eos_token_id = [tiny_tok.eos_token_id, end_of_turn]
+    _favour(tiny_llama, end_of_turn)
+    trainer = _trainer(tiny_llama, tiny_tok, pairs_dataset, tmp_path, anchor_max_new_tokens=8)
+    calls = _record_sampling(trainer)
+    train_loss_and_grads(trainer)
+    anchors = calls[0]["ids"]
+    assert (anchors[:, 0] == end_of_turn).all()
+    assert last_metrics(trainer)["anchor/length"] == 1.0  # the stop token and nothing after it
+    horizon = torch.tensor([4, 4])
+    completion = torch.tensor([[7, end_of_turn, 7, 7], [7, 7, 7, 7]])
+    assert trainer._anchor_valid(completion, horizon).sum(1).tolist() == [2, 4]
+
+
+def test_a_tokenizer_without_eos_trains_the_triplet_to_the_horizon(tmp_path):
+    """No stop id at all (conversational data needs no EOS): anchors run to their horizon."""
+    from datasets import Dataset
+
+    from tidpo.models import tiny_causal_lm, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    tok.eos_token = None
+    model = tiny_causal_lm("llama", tokenizer=tok)
+    model.generation_config.eos_token_id = None
+    model.config.eos_token_id = None
+    rows = [
+        {
+            "prompt": [{"role": "user", "content": p}],
+            "chosen": [{"role": "assistant", "content": c}],
+            "rejected": [{"role": "assistant", "content": r}],
+        }
+        for p, c, r in [("The sky is", "blue", "green"), ("A cat sat on", "the mat", "the dog")] * 2
+    ]
+    args = make_config(tmp_path, anchor_max_new_tokens=5)
+    trainer = TIDPOTrainer(model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok)
+    loss, grads = train_loss_and_grads(trainer)
+    assert loss > 0 and grads
+    # Every anchor counts up to min(5, the longer response), none stops early.
+    batch = next(iter(trainer.get_train_dataloader()))
+    horizon = trainer._anchor_horizon(batch)
+    assert last_metrics(trainer)["anchor/length"] == pytest.approx(horizon.float().mean().item())

@@ -7,7 +7,12 @@ from datasets import Dataset
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tidpo.data import PreferenceDataError, prepare_preference_dataset, tokenize_preference_dataset
+from tidpo.data import (
+    PreferenceDataError,
+    check_token_ids,
+    prepare_preference_dataset,
+    tokenize_preference_dataset,
+)
 from tidpo.models import tiny_tokenizer
 
 WORDS = ["The", "sky", "is", "blue", "green", "cat", "dog", "park", "music", "story", "great", "boring"]
@@ -102,10 +107,66 @@ def test_overlong_rows_dropped_with_warning(tok):
 
 
 def test_max_prompt_length_keeps_long_prompts(tok):
-    out = prepare_preference_dataset(long_prompt_rows(), tok, max_length=20, max_prompt_length=12)
+    with pytest.warns(
+        UserWarning, match=r"2 of 4 prompt\(s\) \(0-based rows 1, 3\) are longer than max_prompt_length=12"
+    ):
+        out = prepare_preference_dataset(long_prompt_rows(), tok, max_length=20, max_prompt_length=12)
     assert len(out) == 4
     assert all(len(r["prompt_input_ids"]) <= 12 for r in out)
     assert all(len(r["prompt_input_ids"]) + len(r["chosen_input_ids"]) <= 20 for r in out)
+
+
+def _bos_tokenizer():
+    """The tiny tokenizer, adding a BOS (``<|endoftext|>``) in front of every text, as Llama's does."""
+    from tokenizers import processors
+
+    bos_tok = tiny_tokenizer()
+    bos = bos_tok.convert_tokens_to_ids("<|endoftext|>")
+    bos_tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", bos)]
+    )
+    bos_tok.bos_token = "<|endoftext|>"
+    return bos_tok
+
+
+def test_a_cut_prompt_keeps_its_bos():
+    bos_tok = _bos_tokenizer()
+    rows = long_prompt_rows()
+    full = prepare_preference_dataset(rows, bos_tok, max_length=None, max_prompt_length=None)
+    with pytest.warns(UserWarning, match="a leading BOS token is kept"):
+        out = prepare_preference_dataset(rows, bos_tok, max_length=30, max_prompt_length=12)
+    for whole, cut in zip(full, out, strict=True):
+        assert whole["prompt_input_ids"][0] == bos_tok.bos_token_id
+        if len(whole["prompt_input_ids"]) <= 12:  # short prompts stay whole
+            assert cut["prompt_input_ids"] == whole["prompt_input_ids"]
+        else:  # BOS, then the last 11 tokens (the part next to the response)
+            assert cut["prompt_input_ids"] == [bos_tok.bos_token_id, *whole["prompt_input_ids"][-11:]]
+        assert cut["chosen_input_ids"] == whole["chosen_input_ids"]
+
+
+def test_token_ids_outside_the_embeddings_are_refused_by_row():
+    data = Dataset.from_dict(
+        {
+            "prompt_input_ids": [[1, 2], [3, 4], [5]],
+            "chosen_input_ids": [[5], [9], [6]],
+            "rejected_input_ids": [[6], [7], [8]],
+        }
+    )
+    check_token_ids(data, 10, 0, "train.jsonl")  # every id (and the pad id) below 10: no error
+    with pytest.raises(
+        PreferenceDataError, match=r"train.jsonl: row 1 \(0-based\), chosen_input_ids: token id 9 "
+    ):
+        check_token_ids(data, 9, 0, "train.jsonl")
+    with pytest.raises(PreferenceDataError, match=r"rejected_input_ids: token id -1 "):
+        check_token_ids(
+            Dataset.from_dict({**data.to_dict(), "rejected_input_ids": [[6], [7], [-1]]}), 10, 0, "x"
+        )
+    with pytest.raises(PreferenceDataError, match="pad token id 10 is outside the model's 10 embeddings"):
+        check_token_ids(data, 10, 10, "train.jsonl")
+    # A selection of rows is checked as selected (not the table under it): row 1 alone is row 0.
+    with pytest.raises(PreferenceDataError, match="row 0 "):
+        check_token_ids(data.select([1]), 9, 0, "train.jsonl")
+    check_token_ids(data.select([0, 2]), 9, 0, "train.jsonl")
 
 
 @pytest.mark.parametrize(

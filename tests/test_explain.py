@@ -10,6 +10,7 @@ import pytest
 
 from tidpo.evaluation.explain import (
     TokenImportance,
+    _decode_pieces,
     colour_range,
     explain,
     render_html,
@@ -83,6 +84,17 @@ def test_explain_on_a_peft_model(tiny):
     )
     ti = explain(wrapped, tok, "The sky is", " blue.")
     assert sum(ti.weights) / len(ti.weights) == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("text", [" 猫が好き", " I love 🐈 and 🐶!", " naïve café", "é", " 🐈🐈 ok"])
+def test_pieces_join_to_the_text_multibyte_characters_included(tiny, text):
+    """Byte-level BPE splits multi-byte characters over tokens: the token completing a character shows
+    it, the ones before it show nothing, and the pieces join to the text."""
+    _, tok = tiny
+    ids = tok(text)["input_ids"]
+    pieces = _decode_pieces(tok, tok("Say:")["input_ids"], ids)
+    assert len(pieces) == len(ids) and "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)
 
 
 def test_colour_range_clips_outliers():

@@ -745,6 +745,26 @@ def test_a_reference_with_another_vocabulary_is_refused(tmp_path, tiny_tok, tiny
         )
 
 
+def test_tokens_the_model_has_no_embedding_for_are_refused_up_front(tmp_path, tiny_llama, pairs_dataset):
+    """A pad token added to the tokenizer without resizing the model: a clear error at construction,
+    not an IndexError in the first forward."""
+    from tidpo.data import PreferenceDataError
+    from tidpo.models import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    rows = tiny_llama.get_input_embeddings().num_embeddings
+    tok.add_special_tokens({"pad_token": "<new-pad>"})
+    assert tok.pad_token_id >= rows
+    with pytest.raises(
+        PreferenceDataError, match=rf"train_dataset: the pad token id {tok.pad_token_id} is outside"
+    ):
+        TIDPOTrainer(
+            tiny_llama, args=make_config(tmp_path), train_dataset=pairs_dataset, processing_class=tok
+        )
+    tiny_llama.resize_token_embeddings(len(tok))  # the fix the message names
+    TIDPOTrainer(tiny_llama, args=make_config(tmp_path), train_dataset=pairs_dataset, processing_class=tok)
+
+
 def test_float_dropout_rates_are_off_too(tmp_path, tiny_tok, pairs_dataset):
     # OPT-style models keep their dropout rates as floats (`dropout`, `activation_dropout`, `layerdrop`)
     # and call the functional dropout: disable_dropout must zero them (training forwards deterministic,

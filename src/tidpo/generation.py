@@ -492,17 +492,23 @@ def _encode(tokenizer: PreTrainedTokenizerBase, prompt: Prompt) -> list[int]:
     return list(ids)
 
 
-def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+def stop_token_ids(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, *, what: str | None = "generate"
+) -> list[int]:
     """The tokenizer's EOS plus any extra stop ids the model's generation config lists (e.g. an
-    end-of-turn token), so chat models stop where they were trained to."""
-    ids: list[int] = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    end-of-turn token), so chat models stop where they were trained to.
+
+    ``what``: the caller named in the error raised when there is no stop id at all; ``None`` returns an
+    empty list instead (sampling then runs to its length limit).
+    """
+    ids: list[int] = [int(tokenizer.eos_token_id)] if tokenizer.eos_token_id is not None else []
     gen_defaults = getattr(model, "generation_config", None)
     extra = getattr(gen_defaults, "eos_token_id", None)
     for i in extra if isinstance(extra, list) else [extra]:
-        if i is not None and i not in ids:
+        if i is not None and int(i) not in ids:
             ids.append(int(i))
-    if not ids:
-        raise ValueError("generate: neither the tokenizer nor the model's generation config has an EOS token")
+    if not ids and what is not None:
+        raise ValueError(f"{what}: neither the tokenizer nor the model's generation config has an EOS token")
     return ids
 
 
@@ -552,7 +558,7 @@ def generate(
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     batches = [order[i : i + per_batch] for i in range(0, len(order), per_batch)]
     device = model_device(model)
-    eos_ids = _eos_ids(model, tokenizer)
+    eos_ids = stop_token_ids(model, tokenizer)
     results: list[list[str]] = [[] for _ in prompts]
     iterator: Any = batches
     if progress:

@@ -8,6 +8,7 @@ Public API::
                                 drop_overlong=False, source="<dataset>") -> Dataset
     prepare_preference_dataset(source_or_dataset, tokenizer, *, max_length, max_prompt_length,
                                drop_identical=False, drop_overlong=False, split=None) -> Dataset
+    check_token_ids(dataset, num_embeddings, pad_token_id, source) -> None
     PreferenceCollator(pad_token_id, pad_to_multiple_of=None)(rows) -> dict[str, Tensor]
     PreferenceDataError(ValueError)
 """
@@ -24,7 +25,7 @@ from tidpo.data.formats import (
 )
 from tidpo.data.loading import SUPPORTED_EXTENSIONS, load_preference_dataset
 from tidpo.data.pipeline import ROW_ID_COLUMN, prepare_preference_dataset
-from tidpo.data.tokenize import OUTPUT_COLUMNS, tokenize_preference_dataset
+from tidpo.data.tokenize import OUTPUT_COLUMNS, check_token_ids, tokenize_preference_dataset
 
 __all__ = [
     "CONVERSATIONAL",
@@ -35,6 +36,7 @@ __all__ = [
     "PreferenceCollator",
     "PreferenceDataError",
     "PreferenceFormat",
+    "check_token_ids",
     "load_preference_dataset",
     "preference_format",
     "prepare_preference_dataset",

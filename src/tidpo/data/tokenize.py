@@ -7,7 +7,8 @@ tokenizer's own special tokens (e.g. BOS) added as ``tokenizer(text)`` adds them
 are rendered with the chat template (prompt with ``add_generation_prompt=True``).
 
 Truncation (ours; TRL only cuts prompt+completion at ``max_length``): the prompt keeps its last
-``max_prompt_length`` tokens, then each completion keeps its first ``max_length - len(prompt)`` tokens.
+``max_prompt_length`` tokens (and its leading BOS, if any: it replaces the oldest kept token), then each
+completion keeps its first ``max_length - len(prompt)`` tokens.
 Without truncation the ids equal TRL's.
 """
 
@@ -18,6 +19,7 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
+import pyarrow.compute as pc
 from datasets import Dataset, Value
 from transformers import PreTrainedTokenizerBase
 
@@ -167,7 +169,8 @@ def tokenize_preference_dataset(
     """Add ``prompt_input_ids``, ``chosen_input_ids``, ``rejected_input_ids`` (completions exclude the prompt).
 
     Validates the rows first (see ``validate_preference_rows``). Truncation: the prompt keeps its last
-    ``max_prompt_length`` tokens; each completion then keeps its first ``max_length - len(prompt)``
+    ``max_prompt_length`` tokens (a leading BOS stays first, in place of the oldest of them; warned,
+    with the rows); each completion then keeps its first ``max_length - len(prompt)``
     tokens. A row whose completion would be left with no token is an error naming the rows (or, with
     ``drop_overlong=True``, is dropped with a warning). Per-token columns (``chosen_weights``,
     ``ref_chosen_logps``, ...) must have one value per (untruncated) completion token and are truncated
@@ -208,6 +211,8 @@ def _tokenize_validated(
     prompt_mismatch: list[int] = []
     empty_prompt: list[int] = []
     same_after_cut: list[int] = []  # responses that differ only past max_length
+    cut_prompts: list[int] = []  # prompts longer than max_prompt_length
+    bos = tokenizer.bos_token_id
 
     rows_iter = iter_rows(dataset, wanted)
     index = 0
@@ -251,7 +256,11 @@ def _tokenize_validated(
                 empty_prompt.append(i)
                 continue
             if max_prompt_length is not None and len(prompt) > max_prompt_length:
-                prompt = prompt[-max_prompt_length:]  # keep the end: the part next to the response
+                # Keep the end (the part next to the response), and a leading BOS: models are trained
+                # never to see a sequence without it.
+                head = prompt[:1] if prompt[0] == bos and max_prompt_length > 1 else []
+                prompt = head + prompt[len(prompt) - max_prompt_length + len(head) :]
+                cut_prompts.append(i)
             room = None if max_length is None else max_length - len(prompt)
             if room is not None and room <= 0:
                 overlong.append(i)
@@ -284,12 +293,21 @@ def _tokenize_validated(
             UserWarning,
             stacklevel=3,
         )
+    if cut_prompts:
+        warnings.warn(
+            f"{source}: {len(cut_prompts)} of {index} prompt(s) (0-based rows {format_rows(cut_prompts)}) are "
+            f"longer than max_prompt_length={max_prompt_length} tokens and lose their beginning (a leading BOS "
+            "token is kept; a chat template's system and earlier turns are not). Raise max_prompt_length (and "
+            "max_length) to train on whole prompts.",
+            UserWarning,
+            stacklevel=3,
+        )
     if prompt_mismatch:
         warnings.warn(
             f"{source}: for {len(prompt_mismatch)} row(s) (0-based rows {format_rows(prompt_mismatch)}) the "
             "tokenised prompt is not a prefix of the tokenised prompt+completion (the chat template renders the "
-            "prompt differently, or tokens merge across the boundary); the completion starts where they diverge, "
-            "as in TRL. End prompts on a token boundary to avoid it.",
+            "prompt differently, tokens merge across the boundary, or the tokenizer appends EOS to every text); "
+            "the completion starts where they diverge, as in TRL. End prompts on a token boundary to avoid it.",
             UserWarning,
             stacklevel=3,
         )
@@ -326,3 +344,37 @@ def _tokenize_validated(
     for name, values in per_token_out.items():
         dataset = dataset.add_column(name, values, feature=_ListFeature(Value("float32")))
     return dataset
+
+
+def check_token_ids(dataset: Dataset, num_embeddings: int, pad_token_id: int | None, source: str) -> None:
+    """Refuse tokenised rows (or a pad id) outside the model's embedding matrix, naming the first row.
+
+    The usual cause is a tokenizer that gained tokens (e.g. ``add_special_tokens({"pad_token": ...})``)
+    without ``model.resize_token_embeddings``; the forward would otherwise fail with a bare IndexError.
+    """
+    fix = (
+        "the tokenizer has tokens the model has no embedding for (e.g. a pad token added with "
+        "add_special_tokens): call model.resize_token_embeddings(len(tokenizer)) before training, or use "
+        "a token the model knows (e.g. tokenizer.pad_token = tokenizer.eos_token)."
+    )
+    if pad_token_id is not None and not 0 <= pad_token_id < num_embeddings:
+        raise PreferenceDataError(
+            f"{source}: the pad token id {pad_token_id} is outside the model's {num_embeddings} embeddings: {fix}"
+        )
+    table = dataset.with_format("arrow")  # (respects a selection of rows, unlike dataset.data)
+    for column in OUTPUT_COLUMNS:
+        if column not in dataset.column_names:
+            continue
+        values = pc.list_flatten(table[column])
+        if len(values) == 0:
+            continue
+        low, high = pc.min_max(values).values()
+        if low.as_py() >= 0 and high.as_py() < num_embeddings:
+            continue
+        for i, ids in enumerate(dataset[column]):
+            bad = [t for t in ids if not 0 <= t < num_embeddings]
+            if bad:
+                raise PreferenceDataError(
+                    f"{source}: row {i} (0-based), {column}: token id {bad[0]} is outside the model's "
+                    f"{num_embeddings} embeddings: {fix}"
+                )

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from tidpo.generation import eval_mode, model_device, seeded
+from tidpo.generation import eval_mode, model_device, seeded, stop_token_ids
 
 __all__ = [
     "evaluate",
@@ -137,17 +137,6 @@ def _reference(policy: torch.nn.Module, reference: torch.nn.Module | None) -> It
         )
     with disable():
         yield policy
-
-
-def _eos_ids(model: torch.nn.Module, tokenizer: Any) -> list[int]:
-    ids: list[int] = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    for i in extra if isinstance(extra, list) else [extra]:
-        if i is not None and int(i) not in ids:
-            ids.append(int(i))
-    if not ids:
-        raise ValueError("evaluate: neither the tokenizer nor the model's generation config has an EOS token")
-    return ids
 
 
 def _generated_mask(new_ids: Tensor, eos_ids: Sequence[int]) -> Tensor:
@@ -351,12 +340,13 @@ def evaluate(
             "top_k": top_k,
             "top_p": top_p,
         }
-        pol_ids = _sample(policy, batches, eos_ids=_eos_ids(policy, tokenizer), **sampling)
+        eos_ids = stop_token_ids(policy, tokenizer, what="evaluate")
+        pol_ids = _sample(policy, batches, eos_ids=eos_ids, **sampling)
         with _reference(policy, reference) as ref_model:
-            ref_ids = _sample(ref_model, batches, eos_ids=_eos_ids(ref_model, tokenizer), **sampling)
+            ref_eos = stop_token_ids(ref_model, tokenizer, what="evaluate")
+            ref_ids = _sample(ref_model, batches, eos_ids=ref_eos, **sampling)
 
         # ---- KL(policy || reference) and entropy on the policy's own samples
-        eos_ids = _eos_ids(policy, tokenizer)
         kl_per_sample: list[float] = []
         entropy_sum, entropy_count = 0.0, 0
         for batch, new_ids in zip(batches, pol_ids, strict=True):

@@ -94,13 +94,15 @@ def _decode_pieces(tokenizer: Any, context_ids: list[int], ids: list[int]) -> li
     for tok in ids:
         seq.append(tok)
         cur = tokenizer.decode(seq, skip_special_tokens=False)
-        if cur.startswith(prev):
-            piece = cur[len(prev) :]
+        # Bytes not yet forming a character decode to U+FFFD at the end of the text; the token that
+        # completes the character gets it (the prefix before those U+FFFD is what stays).
+        done = prev.rstrip("\ufffd")
+        if cur.startswith(done):
+            piece = cur[len(done) :]
         else:
-            # The decode of the prefix changed (a completed multi-byte character): fall back to the
-            # token on its own rather than guess.
+            # The decode of the prefix changed otherwise (e.g. a tokenizer's clean-up of spaces):
+            # fall back to the token on its own rather than guess.
             piece = tokenizer.decode([tok], skip_special_tokens=False)
-        # Bytes not yet forming a character decode to U+FFFD; they show up in the next piece.
         pieces.append(piece.replace("\ufffd", ""))
         prev = cur
     return pieces

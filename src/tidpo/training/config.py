@@ -134,7 +134,8 @@ class TIDPOConfig(TrainingArguments):
         > Data
 
         max_length (`int` or `None`, defaults to `256`): longest prompt + response, in tokens.
-        max_prompt_length (`int` or `None`, defaults to `128`): prompts are truncated from the left to this.
+        max_prompt_length (`int` or `None`, defaults to `128`): prompts are truncated from the left to this
+            (a leading BOS token is kept; the truncated rows are warned about).
         drop_overlong (`bool`, defaults to `False`):
             Drop rows whose response gets no token after truncation (and report how many) instead of
             raising an error naming them.

@@ -36,8 +36,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, StaticCache, 
 from transformers.trainer_utils import set_seed
 from transformers.utils import logging
 
-from tidpo.data import ROW_ID_COLUMN, PreferenceCollator, prepare_preference_dataset
-from tidpo.generation import anchor_cache, sample_completion_ids
+from tidpo.data import ROW_ID_COLUMN, PreferenceCollator, check_token_ids, prepare_preference_dataset
+from tidpo.generation import anchor_cache, sample_completion_ids, stop_token_ids
 from tidpo.importance import accepts_logits_to_keep, attribution_from_targets, importance_weights
 from tidpo.losses import dpo_loss, ipo_loss, simpo_loss, triplet_terms, weighted_preference_loss
 from tidpo.models import (
@@ -284,6 +284,9 @@ class TIDPOTrainer(Trainer):
         model.config.pad_token_id = processing_class.pad_token_id
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.pad_token_id = processing_class.pad_token_id
+        # Anchors end at the first of these (EOS, or a chat model's end-of-turn id in its generation
+        # config, as `generate` stops); none at all (a tokenizer without EOS): at the horizon.
+        self._anchor_stop_ids = stop_token_ids(model, processing_class, what=None)
 
         if peft_config is not None:
             from peft import get_peft_model
@@ -345,12 +348,15 @@ class TIDPOTrainer(Trainer):
                 }
             elif eval_dataset is not None:
                 eval_dataset = self.prepare_dataset(eval_dataset, processing_class, args)
-        if args.effective_importance_mode == "dataset":  # fail now, not at the first evaluation
-            named = {"train_dataset": train_dataset}
-            if isinstance(eval_dataset, dict):
-                named.update({f"eval_dataset[{k!r}]": v for k, v in eval_dataset.items()})
-            elif eval_dataset is not None:
-                named["eval_dataset"] = eval_dataset
+        named = {"train_dataset": train_dataset}
+        if isinstance(eval_dataset, dict):
+            named.update({f"eval_dataset[{k!r}]": v for k, v in eval_dataset.items()})
+        elif eval_dataset is not None:
+            named["eval_dataset"] = eval_dataset
+        rows = model.get_input_embeddings().num_embeddings
+        for name, data in named.items():  # fail now, not with an IndexError in the first forward
+            check_token_ids(data, rows, processing_class.pad_token_id, name)
+        if args.effective_importance_mode == "dataset":
             for name, data in named.items():
                 if "chosen_weights" not in data.column_names:
                     raise ValueError(
@@ -652,7 +658,7 @@ class TIDPOTrainer(Trainer):
                 temperature=args.anchor_temperature,
                 top_k=args.anchor_top_k,
                 top_p=args.anchor_top_p,
-                eos_token_id=tokenizer.eos_token_id,
+                eos_token_id=self._anchor_stop_ids,
                 pad_token_id=tokenizer.pad_token_id,
                 static_cache=self._anchor_cache(policy, prompt_ids) if static else None,
                 past=past,
@@ -776,8 +782,9 @@ class TIDPOTrainer(Trainer):
 
     def _anchor_valid(self, completion: torch.Tensor, horizon: torch.Tensor) -> torch.Tensor:
         """The anchor tokens that enter the loss (bool, ``[B, N]``, a prefix of each row): up to and
-        including the first EOS, and within the pair's horizon (`_anchor_horizon`)."""
-        is_eos = (completion == self.processing_class.eos_token_id).long()
+        including the first stop id (EOS), and within the pair's horizon (`_anchor_horizon`)."""
+        stop = torch.tensor(self._anchor_stop_ids, dtype=completion.dtype, device=completion.device)
+        is_eos = torch.isin(completion, stop).long()
         positions = torch.arange(completion.size(1), device=completion.device)
         return ((is_eos.cumsum(1) - is_eos) == 0) & (positions < horizon[:, None])
 
