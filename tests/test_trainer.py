@@ -765,6 +765,32 @@ def test_tokens_the_model_has_no_embedding_for_are_refused_up_front(tmp_path, ti
     TIDPOTrainer(tiny_llama, args=make_config(tmp_path), train_dataset=pairs_dataset, processing_class=tok)
 
 
+def test_half_precision_trainable_weights_are_warned_about(tmp_path, tiny_tok, pairs_dataset):
+    """bf16 weights trained in place lose most small updates to rounding; LoRA adapters (float32 in
+    PEFT) on a bf16 base do not."""
+    import warnings
+
+    from peft import LoraConfig
+
+    args = make_config(tmp_path, loss_type="dpo")
+    bf16 = tiny_causal_lm(tokenizer=tiny_tok).to(torch.bfloat16)
+    with pytest.warns(
+        UserWarning, match=r"trainable weights are stored in torch.bfloat16.*learning rates \(here 0.01\)"
+    ):
+        TIDPOTrainer(bf16, args=args, train_dataset=pairs_dataset, processing_class=tiny_tok)
+    lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        TIDPOTrainer(
+            tiny_causal_lm(tokenizer=tiny_tok).to(torch.bfloat16),
+            args=args,
+            train_dataset=pairs_dataset,
+            processing_class=tiny_tok,
+            peft_config=lora,
+        )
+    assert not [w for w in caught if "trainable weights are stored" in str(w.message)]
+
+
 def test_float_dropout_rates_are_off_too(tmp_path, tiny_tok, pairs_dataset):
     # OPT-style models keep their dropout rates as floats (`dropout`, `activation_dropout`, `layerdrop`)
     # and call the functional dropout: disable_dropout must zero them (training forwards deterministic,

@@ -392,6 +392,20 @@ class TIDPOTrainer(Trainer):
         self._run_losses = [0.0, 0.0, 0.0]
         self._anchor_caches: dict[int, StaticCache] = {}  # batch size -> static KV cache for anchors
         self._fallbacks_logged: set[str] = set()  # why a speed path fell back, logged once each
+        half = {
+            p.dtype
+            for p in model.parameters()
+            if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16)
+        }
+        if half and not self.is_deepspeed_enabled:  # DeepSpeed keeps float32 master weights
+            warnings.warn(
+                f"TIDPOTrainer: trainable weights are stored in {', '.join(sorted(str(d) for d in half))}: "
+                "the optimizer updates them in that precision, where an update smaller than ~1/256 of a weight "
+                f"rounds away: small learning rates (here {args.learning_rate:g}) barely move the model. Load "
+                "the model in float32 and train with bf16=True (autocast), train LoRA adapters (use_peft; kept "
+                "in float32), or use DeepSpeed (float32 master weights).",
+                stacklevel=2,
+            )
 
         # Sharded like the policy under ZeRO-3 / FSDP, a device replica otherwise (distributed.py).
         self.ref_model = (
