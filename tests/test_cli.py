@@ -372,6 +372,46 @@ def test_dpo_on_top_of_a_lora_run_starts_from_its_adapter(model_dir, tmp_path, c
         torch.testing.assert_close(merged(ids).logits, load_causal_lm(str(sft))(ids).logits)
 
 
+def test_runs_on_top_of_a_lora_folder_save_what_they_trained(model_dir, tmp_path, capsys):
+    """What a run started from a LoRA folder saves must reload as the model it trained: the merged start
+    (saved as `base_model`, the new adapter's recorded base) under a new adapter, and full weights under
+    the model's own parameter names (they reloaded as random weights: the adapter load's key renaming
+    was reversed on save). learning_rate 0: the trained model is the merged start."""
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    from tidpo.models import load_causal_lm
+
+    data = data_file(tmp_path, PAIRS)
+    sft = tmp_path / "sft"
+    assert cli(train_argv(model_dir, data, sft, max_steps=2, use_peft="true"), capsys)[0] == 0
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    with torch.no_grad():
+        start = load_causal_lm(str(sft), merge_adapter=True)(ids).logits
+        base = load_causal_lm(str(model_dir))(ids).logits
+    assert not torch.allclose(start, base, atol=1e-3)  # the SFT adapter changes the model
+
+    code, stdout, err = cli(
+        train_argv(sft, data, tmp_path / "lora", max_steps=1, use_peft="true", learning_rate=0), capsys
+    )
+    assert code == 0, err
+    recorded = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert recorded == str((tmp_path / "lora" / "base_model").resolve()) and "base_model" in stdout
+    code, _, err = cli(train_argv(sft, data, tmp_path / "full", max_steps=1, learning_rate=0), capsys)
+    assert code == 0, err
+    with torch.no_grad():
+        lora = AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "lora"))(ids).logits
+        full = AutoModelForCausalLM.from_pretrained(str(tmp_path / "full"))(ids).logits
+    torch.testing.assert_close(lora, start, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(full, start, rtol=1e-5, atol=1e-5)
+    # A rerun afresh over it replaces the merged copy; one that is refused removes the one it wrote.
+    argv = train_argv(sft, data, tmp_path / "lora", max_steps=1, use_peft="true", overwrite_output_dir="true")
+    assert cli(argv, capsys)[0] == 0 and (tmp_path / "lora" / "base_model" / "config.json").is_file()
+    bad = train_argv(sft, data, tmp_path / "refused", max_steps=1, use_peft="true", loss_type="simpo")
+    assert cli([*bad, "--ref_model", str(model_dir)], capsys)[0] != 0
+    assert not (tmp_path / "refused" / "base_model").exists()
+
+
 def test_merging_a_lora_folder_with_modules_saved_whole(model_dir, tmp_path):
     """An adapter with `modules_to_save` (a trained lm_head copy): merged, the model is plain (the base
     model's parameter names, nothing of PEFT left) and computes what the PeftModel did."""
@@ -758,3 +798,117 @@ def test_lora_options_without_use_peft_are_warned_about(model_dir, tmp_path, cap
     with pytest.warns(UserWarning, match=r"--lora_r, --lora_dropout set without --use_peft true"):
         code, _, err = cli(argv_for(model_dir, data, tmp_path, lora_r=4, lora_dropout=0.1, gamma=0.0), capsys)
     assert code == 0, err
+
+
+def test_unwritable_outputs_fail_before_any_work(model_dir, tmp_path, capsys):
+    """An output path under a file (or a folder that takes no files) fails first, naming the option:
+    before, training ran to its end and the save failed."""
+    data = data_file(tmp_path, PAIRS)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    expect_error(
+        train_argv(model_dir, data, blocker / "run"), capsys, "--output_dir", "is a file, not a folder"
+    )
+    expect_error(
+        [
+            "eval",
+            "--model",
+            str(model_dir),
+            "--reference",
+            str(model_dir),
+            "--data",
+            str(data),
+            "--out",
+            str(blocker),
+        ],
+        capsys,
+        "--out",
+        "is a file",
+    )
+    expect_error(
+        [
+            "explain",
+            "--model",
+            str(model_dir),
+            "--prompt",
+            "a",
+            "--response",
+            "b",
+            "--out",
+            str(blocker / "x"),
+        ],
+        capsys,
+        "--out",
+    )
+
+
+def test_a_lora_folder_whose_base_moved_is_named(model_dir, tmp_path, capsys):
+    data = data_file(tmp_path, PAIRS)
+    adapter = tmp_path / "adapter"
+    assert cli(train_argv(model_dir, data, adapter, max_steps=1, use_peft="true"), capsys)[0] == 0
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = str(tmp_path / "moved" / "base")
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    for argv in (
+        train_argv(adapter, data, tmp_path / "out"),
+        [
+            "explain",
+            "--model",
+            str(adapter),
+            "--prompt",
+            "a",
+            "--response",
+            "b",
+            "--out",
+            str(tmp_path / "x"),
+        ],
+    ):
+        expect_error(argv, capsys, "LoRA adapter whose base model folder", str(tmp_path / "moved" / "base"))
+
+
+def test_resuming_behind_the_runs_last_step_is_warned_about(tmp_path, capsys):
+    from tidpo.cli import _warn_if_behind
+
+    (tmp_path / "checkpoint-2").mkdir()
+    (tmp_path / "checkpoint-2" / "trainer_state.json").write_text(json.dumps({"global_step": 2}))
+    (tmp_path / "trainer_state.json").write_text(json.dumps({"global_step": 4}))
+    _warn_if_behind(str(tmp_path / "checkpoint-2"), str(tmp_path))
+    assert "reached step 4, but its newest complete checkpoint is checkpoint-2" in capsys.readouterr().out
+    (tmp_path / "trainer_state.json").write_text(json.dumps({"global_step": 2}))
+    _warn_if_behind(str(tmp_path / "checkpoint-2"), str(tmp_path))
+    assert capsys.readouterr().out == ""
+
+
+def test_the_final_eval_is_in_trainer_state_and_the_best_checkpoint_in_the_summary(
+    model_dir, tmp_path, capsys
+):
+    data = data_file(tmp_path, PAIRS)
+    out = tmp_path / "final"
+    code, stdout, err = cli(
+        train_argv(model_dir, data, out, max_steps=2, eval_data=data, eval_strategy="no"), capsys
+    )
+    assert code == 0, err
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    metrics = json.loads((out / "metrics.json").read_text())["eval"]
+    assert [h["eval_loss"] for h in history if "eval_loss" in h] == [metrics["eval_loss"]]
+    assert "best checkpoint" not in stdout
+    best = tmp_path / "best"
+    options = dict(max_steps=2, eval_data=data, eval_strategy="steps", eval_steps=1, save_strategy="steps")
+    options.update(save_steps=1, load_best_model_at_end="true")
+    code, stdout, err = cli(train_argv(model_dir, data, best, **options), capsys)
+    assert code == 0, err
+    assert "best checkpoint" in stdout and "checkpoint-" in stdout.split("best checkpoint")[1].split("\n")[0]
+
+
+def test_ctrl_c_is_one_line_and_exit_code_130(monkeypatch, capsys):
+    import tidpo.cli as cli_module
+
+    def interrupted(_argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(cli_module.COMMANDS, "train", interrupted)
+    code, _, err = cli(["train"], capsys)
+    assert code == 130 and "Traceback" not in err
+    assert (
+        err.strip() == "tidpo: interrupted (tidpo train --resume continues from the last complete checkpoint)"
+    )

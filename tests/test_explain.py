@@ -148,6 +148,16 @@ def test_render_terminal_has_colours_and_all_text():
     assert "7 response tokens" in plain
 
 
+def test_render_terminal_without_colour_shows_each_weight():
+    ti = _handmade()
+    out = render_terminal(ti, colour=False)
+    assert "\x1b" not in out
+    assert out.startswith(
+        "".join(f"{p}[{w:.2f}]" for p, w in zip(ti.tokens[:1], ti.weights[:1], strict=True))
+    )
+    assert out.count("[") >= len(ti.tokens) and "7 response tokens" in out
+
+
 def test_render_png_writes_an_image(tmp_path):
     path = render_png(_handmade(), tmp_path / "sub" / "x.png", title="hand-made")
     data = path.read_bytes()
@@ -170,8 +180,9 @@ def test_run_explain_writes_html_png_json(tmp_path, capsys):
     assert html.unescape("".join(bodies)) == " blue & <green>." + tok.eos_token
     assert (out / "importance.png").read_bytes().startswith(PNG_MAGIC)
     assert (out / "importance.json").exists()
-    printed = capsys.readouterr().out
-    assert "\x1b[48;2;" in printed and "importance.html" in printed
+    printed = capsys.readouterr().out  # captured: not a terminal, so no colour codes, weights as text
+    assert "\x1b[" not in printed and "importance.html" in printed and "importance.json" in printed
+    assert f"{ti.tokens[0]}[{ti.weights[0]:.2f}]" in printed
 
 
 def test_run_explain_from_a_data_row(tmp_path):

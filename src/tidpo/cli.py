@@ -18,6 +18,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import typing
 import warnings
 from collections.abc import Iterator
@@ -380,7 +381,7 @@ def _latest_checkpoint(output_dir: str) -> str | None:
 _RUN_FILE = re.compile(
     r"(tmp-)?checkpoint-\d+|adapter_(model\.(safetensors|bin)|config\.json)|"
     r"(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?|"
-    r"(trainer_state|metrics|run_config|eval)\.json|report\.html"
+    r"(trainer_state|metrics|run_config|eval)\.json|report\.html|base_model"
 )
 
 
@@ -429,9 +430,10 @@ def _check_output_dir(script: ScriptArguments, output_dir: str, why: str | None)
 _MODEL_FILES = ("config.json", "generation_config.json")
 
 
-def _delete_earlier_run(output_dir: str) -> None:
-    """``--overwrite_output_dir``: delete what an earlier run left in ``output_dir`` (checked before)."""
-    found = _earlier_run(output_dir)
+def _delete_earlier_run(output_dir: str, keep: Path | None = None) -> None:
+    """``--overwrite_output_dir``: delete what an earlier run left in ``output_dir`` (checked before),
+    but ``keep`` (this run's merged base model, already written)."""
+    found = [f for f in _earlier_run(output_dir) if keep is None or f.resolve() != keep]
     if not found:
         return
     found += [path for name in _MODEL_FILES if (path := Path(output_dir) / name).is_file()]
@@ -456,6 +458,24 @@ def _naming(option: str, name: str) -> Iterator[None]:
         raise OSError(f"--{option} {name}: {err}") from err
 
 
+def _check_writable(folder: str, option: str) -> None:
+    """The output folder (or the nearest existing folder above it) must take files: fail before the work,
+    not when its results are saved."""
+    path = Path(folder).resolve()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise CLIError(
+            f"--{option} {folder}: {existing} is a file, not a folder. Give a folder to write into."
+        )
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise CLIError(
+            f"--{option} {folder}: cannot write into {existing} ({err.strerror}). Give a writable folder."
+        ) from err
+
+
 def _check_model_path(name_or_path: str, option: str) -> None:
     """A model given as a path must exist: fail here with the path, not deep inside from_pretrained."""
     from tidpo.models import EMBEDDED_MODELS
@@ -469,6 +489,14 @@ def _check_model_path(name_or_path: str, option: str) -> None:
                 f"--{option} {name_or_path}: the folder holds no config.json (nor adapter_config.json), so it "
                 "is not a model written by save_pretrained. Give the folder the model was saved to."
             )
+        if not (path / "config.json").exists():  # a LoRA folder: its base loads from where it was
+            base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path") or ""
+            if base.startswith(("/", ".", "~")) and not Path(base).expanduser().is_dir():
+                raise FileNotFoundError(
+                    f"--{option} {name_or_path}: a LoRA adapter whose base model folder {base} (its "
+                    "adapter_config.json's base_model_name_or_path) does not exist (here). Put the base model "
+                    "there, or set base_model_name_or_path to the folder (or Hub id) it is in now."
+                )
         return
     if path.exists():
         raise FileNotFoundError(f"--{option} {name_or_path}: a file, not a model folder.")
@@ -506,6 +534,7 @@ def train(argv: list[str]) -> int:
     _check_model_path(script.model, "model")
     if script.ref_model:
         _check_model_path(script.ref_model, "ref_model")
+    _check_writable(config.output_dir, "output_dir")
     if resume not in (None, "latest") and not Path(resume).is_dir():
         raise FileNotFoundError(f"--resume {resume}: no such checkpoint folder.")
     checkpoint = _latest_checkpoint(config.output_dir) if resume == "latest" else resume
@@ -523,8 +552,7 @@ def train(argv: list[str]) -> int:
     if resume and checkpoint is None:
         print(f"tidpo: --resume: no checkpoint in {config.output_dir}; starting afresh.", flush=True)
     if checkpoint is not None and config.max_steps > 0:
-        state_file = Path(checkpoint) / "trainer_state.json"
-        done = json.loads(state_file.read_text()).get("global_step", 0) if state_file.is_file() else 0
+        done = _step_of(Path(checkpoint) / "trainer_state.json")
         if done >= config.max_steps:  # Trainer would still take one more step
             raise CLIError(
                 f"{checkpoint} is at step {done}, already max_steps={config.max_steps}: nothing is left to "
@@ -579,24 +607,31 @@ def train(argv: list[str]) -> int:
             write_on_train_end=False,  # written below, once the model is saved and evaluated
         )
 
-    trainer = TIDPOTrainer(
-        model=model,
-        ref_model=ref_model,
-        args=config,
-        train_dataset=train_data,
-        eval_dataset=eval_data,
-        processing_class=tokenizer,
-        peft_config=_peft_config(script),
-        callbacks=[report] if report else None,
-    )
+    base_copy = _save_merged_base(model, tokenizer, script, config.output_dir, afresh=afresh is not None)
+    try:
+        trainer = TIDPOTrainer(
+            model=model,
+            ref_model=ref_model,
+            args=config,
+            train_dataset=train_data,
+            eval_dataset=eval_data,
+            processing_class=tokenizer,
+            peft_config=_peft_config(script),
+            callbacks=[report] if report else None,
+        )
+    except BaseException:
+        if base_copy is not None and base_copy.written:
+            shutil.rmtree(base_copy.path, ignore_errors=True)  # a refused run leaves nothing behind
+        raise
     if afresh:  # only now that the data, the models and the trainer's own checks have passed
-        _delete_earlier_run(config.output_dir)
+        _delete_earlier_run(config.output_dir, keep=base_copy.path if base_copy else None)
     if checkpoint is not None:
         print(f"tidpo: resuming from {checkpoint}", flush=True)
+        _warn_if_behind(checkpoint, config.output_dir)
     result = trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_model(config.output_dir)
-    trainer.save_state()
     eval_metrics = _final_eval(trainer) if eval_data is not None else {}
+    trainer.save_state()  # after the final eval, which joins its log_history
     if trainer.is_world_process_zero():
         _write_run_files(config, script, result.metrics, eval_metrics)
     if report is not None:
@@ -607,6 +642,66 @@ def train(argv: list[str]) -> int:
     if trainer.is_world_process_zero():
         _print_summary(trainer, config, result.metrics, eval_metrics)
     return 0
+
+
+def _step_of(state_file: Path) -> int:
+    return json.loads(state_file.read_text()).get("global_step", 0) if state_file.is_file() else 0
+
+
+def _warn_if_behind(checkpoint: str, output_dir: str) -> None:
+    """A finished run's newest checkpoint can be older than its end (save_total_limit with
+    load_best_model_at_end keeps the best one): resuming from it trains those steps again."""
+    reached = _step_of(Path(output_dir) / "trainer_state.json")
+    at = _step_of(Path(checkpoint) / "trainer_state.json")
+    if reached > at:
+        print(
+            f"tidpo: warning: the run in {output_dir} reached step {reached}, but its newest complete checkpoint "
+            f"is {Path(checkpoint).name} (later ones were not kept, e.g. save_total_limit with "
+            f"load_best_model_at_end): steps {at + 1}-{reached} are trained again.",
+            flush=True,
+        )
+
+
+@dataclass
+class _BaseCopy:
+    path: Path
+    written: bool  # by this invocation (not kept from the run it resumes)
+
+
+def _save_merged_base(
+    model, tokenizer, script: ScriptArguments, output_dir: str, afresh: bool
+) -> _BaseCopy | None:
+    """A new adapter on top of a LoRA folder (``--model <adapter> --use_peft true``) trains on the model
+    with that adapter merged in, which exists nowhere on disk: save it as ``output_dir/base_model`` and
+    make it the new adapter's recorded base, so the output loads (PEFT, ``tidpo eval``) as the model
+    trained. A resumed run keeps the copy its first part saved; a run afresh replaces an earlier one."""
+    if not (script.use_peft and (Path(script.model) / "adapter_config.json").is_file()):
+        return None
+    from accelerate import PartialState
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled():
+        raise CLIError(
+            f"--model {script.model} is a LoRA folder, merged into its base before the new adapter trains; under "
+            "ZeRO-3 that merged model cannot be saved beside the adapter. Merge it first (load it with "
+            "tidpo.models.load_causal_lm(path, merge_adapter=True) and save_pretrained), then pass that folder."
+        )
+    path = (Path(output_dir) / "base_model").resolve()
+    model.name_or_path = model.config._name_or_path = str(path)  # what PEFT records as the base
+    state = PartialState()
+    written = afresh or not (path / "config.json").is_file()
+    if written:
+        if state.is_main_process:
+            if path.exists():  # an earlier run's (--overwrite_output_dir was given: checked before)
+                shutil.rmtree(path)
+            print(
+                f"tidpo: saving the model merged from {script.model} to {path} (the new adapter's base)",
+                flush=True,
+            )
+            model.save_pretrained(path)
+            tokenizer.save_pretrained(path)
+        state.wait_for_everyone()
+    return _BaseCopy(path, written)
 
 
 def _final_eval(trainer) -> dict:
@@ -651,6 +746,11 @@ def _print_summary(trainer, config, train_metrics: dict, eval_metrics: dict) -> 
         if key in eval_metrics:
             lines.append(f"  {key:<26}{eval_metrics[key]:.4f}")
     out = Path(config.output_dir).resolve()
+    best = trainer.state.best_model_checkpoint
+    if config.load_best_model_at_end and best:
+        lines.append(
+            f"  best checkpoint           {Path(best).name}  (load_best_model_at_end: the saved model and eval)"
+        )
     lines.append(f"  model saved in            {out}")
     lines.append(f"  run folder                {out}  (metrics.json, trainer_state.json, checkpoints)")
     if (out / "report.html").exists():
@@ -695,6 +795,7 @@ def _eval(argv: list[str]) -> int:
     a = parser.parse_args(argv)
     _check_model_path(a.model, "model")
     _check_model_path(a.reference, "reference")
+    _check_writable(a.out, "out")
     if a.judge is not None:
         from tidpo.judges import get_judge
 
@@ -736,6 +837,8 @@ def _explain(argv: list[str]) -> int:
         parser.error("give --prompt and --response, or --data FILE --row N")
     if a.data is not None and a.row is None:
         parser.error("--data needs --row N")
+    _check_model_path(a.model, "model")
+    _check_writable(a.out, "out")
     from tidpo.evaluation.explain import run_explain
 
     run_explain(
@@ -791,6 +894,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     try:
         return COMMANDS[argv[0]](argv[1:])
+    except KeyboardInterrupt:
+        if os.environ.get("TIDPO_DEBUG", "").strip() not in ("", "0"):
+            raise
+        hint = (
+            " (tidpo train --resume continues from the last complete checkpoint)"
+            if argv[0] == "train"
+            else ""
+        )
+        print(f"\ntidpo: interrupted{hint}", file=sys.stderr)
+        return 130
     except _user_errors() as err:
         if os.environ.get("TIDPO_DEBUG", "").strip() not in ("", "0"):
             raise

@@ -211,6 +211,9 @@ def merge_loaded_adapter(model: PreTrainedModel) -> PreTrainedModel:
     model._hf_peft_config_loaded = False
     if hasattr(model, "peft_config"):
         del model.peft_config
+    # save_pretrained reverses the key renamings of the last load, here the adapter's
+    # ("base_model.model.model." -> "model."): a plain model saved with them would reload as random weights.
+    model._weight_conversions = None
     model.requires_grad_(True)  # transformers froze the base under the adapter; a plain model trains
     return model
 

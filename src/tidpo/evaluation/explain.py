@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import html
 import json
+import os
+import sys
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -252,12 +254,21 @@ def _visible(piece: str) -> str:
 # --------------------------------------------------------------------------- terminal
 
 
-def render_terminal(ti: TokenImportance, *, legend: bool = True) -> str:
-    """The response with each token on a 24-bit ANSI background coloured by its weight.
+def render_terminal(ti: TokenImportance, *, legend: bool = True, colour: bool = True) -> str:
+    """The response with each token on a 24-bit ANSI background coloured by its weight; ``colour=False``
+    (a pipe, a file, ``NO_COLOR``): each token followed by its weight in brackets instead.
 
     Newlines inside tokens are shown as ``↵`` and then break the line.
     """
     out: list[str] = []
+    if not colour:
+        text = "".join(f"{_visible(piece)}[{w:.2f}]" for piece, w in zip(ti.tokens, ti.weights, strict=True))
+        if legend:
+            text += (
+                f"\n\n{len(ti.weights)} {ti.span} tokens, each followed by its weight (mean 1); "
+                f"lambda={ti.lambda_importance:g}, sigma_div={ti.sigma_div:g}"
+            )
+        return text
     for piece, level in zip(ti.tokens, _levels(ti), strict=True):
         bg = _colour(level)
         fg = _text_colour(bg)
@@ -610,6 +621,9 @@ def run_explain(
     render_png(ti, out_dir / "importance.png", title=title)
     (out_dir / "importance.json").write_text(json.dumps(ti.to_dict(), indent=2), encoding="utf-8")
     if print_terminal:
-        print(render_terminal(ti))
-        print(f"\nwrote {out_dir / 'importance.html'} and {out_dir / 'importance.png'}")
+        colour = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+        print(render_terminal(ti, colour=colour))
+        print(
+            f"\nwrote {out_dir / 'importance.html'}, {out_dir / 'importance.png'} and {out_dir / 'importance.json'}"
+        )
     return ti
