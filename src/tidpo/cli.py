@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import difflib
+import hashlib
 import json
 import os
 import re
@@ -430,10 +431,9 @@ def _check_output_dir(script: ScriptArguments, output_dir: str, why: str | None)
 _MODEL_FILES = ("config.json", "generation_config.json")
 
 
-def _delete_earlier_run(output_dir: str, keep: Path | None = None) -> None:
-    """``--overwrite_output_dir``: delete what an earlier run left in ``output_dir`` (checked before),
-    but ``keep`` (this run's merged base model, already written)."""
-    found = [f for f in _earlier_run(output_dir) if keep is None or f.resolve() != keep]
+def _delete_earlier_run(output_dir: str) -> None:
+    """``--overwrite_output_dir``: delete what an earlier run left in ``output_dir`` (checked before)."""
+    found = _earlier_run(output_dir)
     if not found:
         return
     found += [path for name in _MODEL_FILES if (path := Path(output_dir) / name).is_file()]
@@ -461,6 +461,10 @@ def _naming(option: str, name: str) -> Iterator[None]:
 def _check_writable(folder: str, option: str) -> None:
     """The output folder (or the nearest existing folder above it) must take files: fail before the work,
     not when its results are saved."""
+    if Path(folder).is_symlink() and not Path(folder).exists():
+        raise CLIError(
+            f"--{option} {folder}: a symbolic link to a missing folder. Create it, or give another folder."
+        )
     path = Path(folder).resolve()
     existing = next(p for p in (path, *path.parents) if p.exists())
     if not existing.is_dir():
@@ -620,11 +624,12 @@ def train(argv: list[str]) -> int:
             callbacks=[report] if report else None,
         )
     except BaseException:
-        if base_copy is not None and base_copy.written:
-            shutil.rmtree(base_copy.path, ignore_errors=True)  # a refused run leaves nothing behind
+        if base_copy is not None and base_copy.staged is not None:
+            shutil.rmtree(base_copy.staged, ignore_errors=True)  # a refused run leaves nothing behind
         raise
     if afresh:  # only now that the data, the models and the trainer's own checks have passed
-        _delete_earlier_run(config.output_dir, keep=base_copy.path if base_copy else None)
+        _delete_earlier_run(config.output_dir)
+    _accept_merged_base(base_copy)
     if checkpoint is not None:
         print(f"tidpo: resuming from {checkpoint}", flush=True)
         _warn_if_behind(checkpoint, config.output_dir)
@@ -664,8 +669,19 @@ def _warn_if_behind(checkpoint: str, output_dir: str) -> None:
 
 @dataclass
 class _BaseCopy:
-    path: Path
-    written: bool  # by this invocation (not kept from the run it resumes)
+    path: Path  # output_dir/base_model, the new adapter's recorded base
+    staged: Path | None  # written by this invocation, moved to `path` once the run is accepted
+
+
+def _merged_from(adapter: str) -> dict[str, str]:
+    """What identifies the merged model: the adapter folder and its weights' digest."""
+    folder = Path(adapter).resolve()
+    weights = next(
+        (folder / n for n in ("adapter_model.safetensors", "adapter_model.bin") if (folder / n).is_file()),
+        None,
+    )
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest() if weights else ""
+    return {"model": str(folder), "adapter_sha256": digest}
 
 
 def _save_merged_base(
@@ -674,7 +690,9 @@ def _save_merged_base(
     """A new adapter on top of a LoRA folder (``--model <adapter> --use_peft true``) trains on the model
     with that adapter merged in, which exists nowhere on disk: save it as ``output_dir/base_model`` and
     make it the new adapter's recorded base, so the output loads (PEFT, ``tidpo eval``) as the model
-    trained. A resumed run keeps the copy its first part saved; a run afresh replaces an earlier one."""
+    trained. It is written beside (``base_model.partial``) and moved in by :func:`_accept_merged_base`
+    once the run is accepted, so a refused run leaves an earlier run's copy alone. A resumed run keeps
+    the copy its first part saved, if it was merged from the same adapter."""
     if not (script.use_peft and (Path(script.model) / "adapter_config.json").is_file()):
         return None
     from accelerate import PartialState
@@ -688,20 +706,45 @@ def _save_merged_base(
         )
     path = (Path(output_dir) / "base_model").resolve()
     model.name_or_path = model.config._name_or_path = str(path)  # what PEFT records as the base
-    state = PartialState()
-    written = afresh or not (path / "config.json").is_file()
-    if written:
-        if state.is_main_process:
-            if path.exists():  # an earlier run's (--overwrite_output_dir was given: checked before)
-                shutil.rmtree(path)
-            print(
-                f"tidpo: saving the model merged from {script.model} to {path} (the new adapter's base)",
-                flush=True,
+    origin = _merged_from(script.model)
+    if not afresh and (path / "config.json").is_file():
+        marker = path / "merged_from.json"
+        earlier = json.loads(marker.read_text()) if marker.is_file() else None
+        if earlier != origin:
+            raise CLIError(
+                f"{path} (the base of the adapter this run resumes) was merged from "
+                f"{earlier['model'] if earlier else 'another adapter'}"
+                f"{' with other weights' if earlier and earlier['model'] == origin['model'] else ''}, not from "
+                f"--model {script.model} as it is now: the resumed adapter would load on another model. Resume with "
+                "the --model it started from, or start afresh."
             )
-            model.save_pretrained(path)
-            tokenizer.save_pretrained(path)
-        state.wait_for_everyone()
-    return _BaseCopy(path, written)
+        return _BaseCopy(path, None)
+    staged = path.with_name("base_model.partial")
+    state = PartialState()
+    if state.is_main_process:
+        shutil.rmtree(staged, ignore_errors=True)  # a killed earlier attempt's
+        print(
+            f"tidpo: saving the model merged from {script.model} to {path} (the new adapter's base)",
+            flush=True,
+        )
+        model.save_pretrained(staged)
+        tokenizer.save_pretrained(staged)
+        (staged / "merged_from.json").write_text(json.dumps(origin, indent=2))
+    state.wait_for_everyone()
+    return _BaseCopy(path, staged)
+
+
+def _accept_merged_base(copy: _BaseCopy | None) -> None:
+    """Move the merged copy written for this run into place (after any earlier run was deleted)."""
+    if copy is None or copy.staged is None:
+        return
+    from accelerate import PartialState
+
+    state = PartialState()
+    if state.is_main_process:
+        shutil.rmtree(copy.path, ignore_errors=True)  # an unfinished earlier copy without config.json
+        copy.staged.rename(copy.path)
+    state.wait_for_everyone()
 
 
 def _final_eval(trainer) -> dict:

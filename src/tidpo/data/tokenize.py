@@ -19,7 +19,6 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
-import pyarrow.compute as pc
 from datasets import Dataset, Value
 from transformers import PreTrainedTokenizerBase
 
@@ -344,37 +343,3 @@ def _tokenize_validated(
     for name, values in per_token_out.items():
         dataset = dataset.add_column(name, values, feature=_ListFeature(Value("float32")))
     return dataset
-
-
-def check_token_ids(dataset: Dataset, num_embeddings: int, pad_token_id: int | None, source: str) -> None:
-    """Refuse tokenised rows (or a pad id) outside the model's embedding matrix, naming the first row.
-
-    The usual cause is a tokenizer that gained tokens (e.g. ``add_special_tokens({"pad_token": ...})``)
-    without ``model.resize_token_embeddings``; the forward would otherwise fail with a bare IndexError.
-    """
-    fix = (
-        "the tokenizer has tokens the model has no embedding for (e.g. a pad token added with "
-        "add_special_tokens): call model.resize_token_embeddings(len(tokenizer)) before training, or use "
-        "a token the model knows (e.g. tokenizer.pad_token = tokenizer.eos_token)."
-    )
-    if pad_token_id is not None and not 0 <= pad_token_id < num_embeddings:
-        raise PreferenceDataError(
-            f"{source}: the pad token id {pad_token_id} is outside the model's {num_embeddings} embeddings: {fix}"
-        )
-    table = dataset.with_format("arrow")  # (respects a selection of rows, unlike dataset.data)
-    for column in OUTPUT_COLUMNS:
-        if column not in dataset.column_names:
-            continue
-        values = pc.list_flatten(table[column])
-        if len(values) == 0:
-            continue
-        low, high = pc.min_max(values).values()
-        if low.as_py() >= 0 and high.as_py() < num_embeddings:
-            continue
-        for i, ids in enumerate(dataset[column]):
-            bad = [t for t in ids if not 0 <= t < num_embeddings]
-            if bad:
-                raise PreferenceDataError(
-                    f"{source}: row {i} (0-based), {column}: token id {bad[0]} is outside the model's "
-                    f"{num_embeddings} embeddings: {fix}"
-                )

@@ -152,6 +152,22 @@ def _generated_mask(new_ids: Tensor, eos_ids: Sequence[int]) -> Tensor:
 # --------------------------------------------------------------------------- evaluate
 
 
+def _judged(
+    judge_fn: Callable[..., float], judge: Any, texts: list[str], rows: list[Any], whose: str
+) -> list[float]:
+    """The judge's score of each generation; an error in the judge says which judge and prompt."""
+    scores = []
+    for i, (text, row) in enumerate(zip(texts, rows, strict=True)):
+        try:
+            scores.append(judge_fn(text, row))
+        except Exception as err:
+            err.add_note(
+                f"tidpo: judge {judge!r} failed on the {whose}'s generation for prompt {i}: {text[:80]!r}"
+            )
+            raise
+    return scores
+
+
 def _rows_for_judge(dataset: Any) -> list[dict[str, Any]]:
     from tidpo.data import split_implicit_prompt
 
@@ -366,8 +382,8 @@ def evaluate(
     judge_rows = _rows_for_judge(gen_rows)
 
     if judge_fn is not None:
-        pol_scores = [judge_fn(t, row) for t, row in zip(pol_texts, judge_rows, strict=True)]
-        ref_scores = [judge_fn(t, row) for t, row in zip(ref_texts, judge_rows, strict=True)]
+        pol_scores = _judged(judge_fn, judge, pol_texts, judge_rows, "policy")
+        ref_scores = _judged(judge_fn, judge, ref_texts, judge_rows, "reference")
         for name, scores in (("policy", pol_scores), ("reference", ref_scores)):
             bad = [i for i, s in enumerate(scores) if not math.isfinite(s)]
             if bad:

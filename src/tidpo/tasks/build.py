@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import sys
@@ -78,8 +79,20 @@ def _check_settings(out: Path, settings: dict[str, Any]) -> None:
                 f"To build with the new settings, delete {out}, {ties_path(out)} and {path}, or write to "
                 "another --out."
             )
-    elif out.exists() or ties_path(out).exists():
-        return  # written before the settings were recorded: continued as it is
+
+
+def _record_settings(out: Path, settings: dict[str, Any], rows_before: int) -> None:
+    """Record the settings once this build is about to write (a build that failed before, e.g. on a
+    mistyped model, must not hold the corrected rerun to its settings)."""
+    path = settings_path(out)
+    if path.exists():
+        return
+    if rows_before:
+        warnings.warn(
+            f"{out} holds {rows_before} pair(s)/tie(s) from a build whose settings were not recorded: they "
+            f"cannot be checked against this build's, which are recorded in {path} from now on.",
+            stacklevel=3,
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
 
@@ -154,7 +167,14 @@ def _apply_flips(rows: list[dict[str, Any]], fraction: float, seed: int) -> bool
 
 
 def _validate_args(
-    samples: int, flip_fraction: float, max_new_tokens: int, batch_size: int, out: Any
+    samples: int,
+    flip_fraction: float,
+    max_new_tokens: int,
+    batch_size: int,
+    out: Any,
+    temperature: float,
+    top_k: int,
+    top_p: float,
 ) -> Path:
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 2:
         raise ValueError(f"samples must be an integer >= 2 (best and worst of K responses), got {samples!r}")
@@ -162,6 +182,12 @@ def _validate_args(
         raise ValueError(f"flip_fraction must be between 0 and 1, got {flip_fraction!r}")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0 (the build samples), got {temperature}")
+    if not 0 < top_p <= 1 or top_k < 0:
+        raise ValueError(
+            f"top_p must be in (0, 1] and top_k >= 0 (0: no top-k), got top_p={top_p}, top_k={top_k}"
+        )
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if out is None or str(out) == "":
@@ -217,7 +243,9 @@ def build_pairs(
 
     start = time.perf_counter()
     task_obj = get_task(task) if isinstance(task, str) else task
-    out_path = _validate_args(samples, flip_fraction, max_new_tokens, batch_size, out)
+    out_path = _validate_args(
+        samples, flip_fraction, max_new_tokens, batch_size, out, temperature, top_k, top_p
+    )
     prompts_path = Path(prompts) if prompts is not None else task_obj.train_prompts
     rows = load_prompts(prompts_path, task_obj)
 
@@ -245,19 +273,17 @@ def build_pairs(
     )
     if model_name and Path(model_name).exists():  # one folder, however it is spelled
         model_name = str(Path(model_name).resolve())
-    _check_settings(
-        out_path,
-        {
-            "task": task_obj.name,
-            "model": str(model_name),
-            "samples": samples,
-            "seed": seed,
-            "max_new_tokens": max_new_tokens,
-            "temperature": temperature,
-            "top_k": top_k,
-            "top_p": top_p,
-        },
-    )
+    settings = {
+        "task": task_obj.name,
+        "model": str(model_name),
+        "samples": samples,
+        "seed": seed,
+        "max_new_tokens": max_new_tokens,
+        "temperature": temperature,
+        "top_k": top_k,
+        "top_p": top_p,
+    }
+    _check_settings(out_path, settings)
     tie_file = ties_path(out_path)
     if tie_file.exists():
         done_keys.update(prompt_key(t["prompt"]) for t in _read_jsonl(tie_file, ("prompt",), repair=True))
@@ -295,6 +321,7 @@ def build_pairs(
 
             bar = tqdm(total=n_prompts, initial=resumed, desc=f"build {task_obj.name}", unit="prompt")
         out_path.parent.mkdir(parents=True, exist_ok=True)
+        _record_settings(out_path, settings, rows_before=resumed)
         with out_path.open("a", encoding="utf-8") as f, tie_file.open("a", encoding="utf-8") as tf:
             for chunk in chunks:
                 # Seeded by the chunk's first prompt, not its position: a resumed run draws the same
@@ -317,6 +344,11 @@ def build_pairs(
                 for (_, row), texts in zip(chunk, completions, strict=True):
                     texts = [t.strip() for t in texts]
                     scores = [float(task_obj.judge(t, row)) for t in texts]
+                    if not all(math.isfinite(x) for x in scores):
+                        raise ValueError(
+                            f"the {task_obj.name} judge scored a sample of prompt {row.get('id', '')!r} "
+                            f"({prompt_key(row['prompt'])[:80]!r}) {scores}: judges must return finite numbers."
+                        )
                     best = max(range(len(texts)), key=lambda j: scores[j])
                     worst = min(range(len(texts)), key=lambda j: scores[j])
                     if scores[best] == scores[worst]:
@@ -398,6 +430,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser.add_argument("--top-p", type=float, default=0.95)
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
+    model_path = Path(args.model).expanduser()
+    if args.model.startswith((".", "/", "~")) and not model_path.is_dir():
+        raise ValueError(f"--model {args.model}: no such model folder (resolved to {model_path.resolve()}).")
     stats = build_pairs(
         args.task,
         model=args.model,

@@ -25,6 +25,10 @@ _WORD = re.compile(r"\d+(?:[.,]\d+)+|[^\W_]+(?:['’-][^\W_]+)*")
 # A sentence ends at ., ! or ? (runs like "?!" or "..." end one sentence) followed by space or the end.
 _SENTENCE_END = re.compile(r"[.!?]+(?=[\s\"'”’)]|$)")
 _BULLET = re.compile(r"^\s*[-*]\s+\S")
+# A list item's marker ("- ", "* ", "• ", "1. ", "2) ") is not a sentence of its own.
+_LIST_MARKER = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s+")
+# A period after these ends no sentence ("Dr. Smith", "3 p.m. today", "e.g. tea").
+_ABBREVIATIONS = {"mr", "mrs", "ms", "dr", "prof", "st", "vs", "e.g", "i.e", "a.m", "p.m"}
 _QUOTES = {('"', '"'), ("“", "”")}
 
 
@@ -36,12 +40,23 @@ def words(text: str) -> list[str]:
 def sentences(text: str) -> list[str]:
     """Split into sentences at ``.``, ``!``, ``?``; a trailing fragment without a stop counts as one.
 
-    Bullet lines and other line breaks also end a sentence, so a list of three short items is three.
+    Bullet lines and other line breaks also end a sentence, so a list of three short items is three
+    (their markers, ``-`` or ``1.``, are not sentences); a period after a common abbreviation
+    (``Dr.``, ``e.g.``, ``p.m.``) is not an end.
     """
     out: list[str] = []
     for line in text.splitlines():
-        parts = _SENTENCE_END.split(line)
-        out.extend(p.strip() for p in parts if words(p))
+        line = _LIST_MARKER.sub("", line, count=1)
+        start = 0
+        for end in _SENTENCE_END.finditer(line):
+            before = line[start : end.start()].split()
+            if end.group() == "." and before and before[-1].lower() in _ABBREVIATIONS:
+                continue
+            if words(line[start : end.start()]):
+                out.append(line[start : end.start()].strip())
+            start = end.end()
+        if words(line[start:]):
+            out.append(line[start:].strip())
     return out
 
 
@@ -87,11 +102,19 @@ def _uppercase(text: str, c: Mapping[str, Any]) -> bool:
 
 
 def _no_commas(text: str, c: Mapping[str, Any]) -> bool:
-    return bool(text.strip()) and "," not in text and "，" not in text
+    return bool(text.strip()) and not any(comma in text for comma in ",，、،﹐")
 
 
 def _end_phrase(text: str, c: Mapping[str, Any]) -> bool:
-    return text.rstrip().lower().endswith(c["phrase"].strip().lower())
+    # The whole phrase: "I bathe end." does not end with "The end.".
+    text, phrase = text.rstrip().lower(), c["phrase"].strip().lower()
+    return text.endswith(phrase) and not (
+        len(text) > len(phrase) and _is_word_char(text[-len(phrase) - 1]) and _is_word_char(phrase[0])
+    )
+
+
+def _is_word_char(ch: str) -> bool:
+    return ch.isalnum() or ch == "_"
 
 
 def _bullet_count(text: str, c: Mapping[str, Any]) -> bool:
@@ -109,12 +132,18 @@ def _max_sentences(text: str, c: Mapping[str, Any]) -> bool:
 
 
 def _wrap_in_quotes(text: str, c: Mapping[str, Any]) -> bool:
+    # One quotation around the whole answer: '"Yes," he said, "no."' is two quotations.
     t = text.strip()
-    return len(t) >= 2 and (t[0], t[-1]) in _QUOTES and bool(words(t))
+    return (
+        len(t) >= 2
+        and (t[0], t[-1]) in _QUOTES
+        and not any(q in t[1:-1] for q in (t[0], t[-1]))
+        and bool(words(t))
+    )
 
 
 def _no_question(text: str, c: Mapping[str, Any]) -> bool:
-    return bool(text.strip()) and "?" not in text
+    return bool(text.strip()) and "?" not in text and "？" not in text
 
 
 # type -> (checker, required params with their types, sentence that states the constraint)
@@ -227,8 +256,15 @@ def _as_constraints(constraints: Any, where: str) -> list[Mapping[str, Any]]:
 
 
 def check(text: str, constraints: Sequence[Mapping[str, Any]] | str) -> list[bool]:
-    """Whether ``text`` meets each constraint, in order (a JSON string of constraints works too)."""
-    return [CHECKERS[c["type"]](text, c) for c in _as_constraints(constraints, "check")]
+    """Whether ``text`` meets each constraint, in order (a JSON string of constraints works too).
+
+    An answer without a word meets none: it did not answer (else an empty sample would meet
+    "at most 10 words" or "do not use the word ...").
+    """
+    constraints = _as_constraints(constraints, "check")
+    if not words(text):
+        return [False] * len(constraints)
+    return [CHECKERS[c["type"]](text, c) for c in constraints]
 
 
 def judge(text: str, row: Mapping[str, Any] | None = None) -> float:
@@ -244,7 +280,7 @@ def judge(text: str, row: Mapping[str, Any] | None = None) -> float:
         raise ValueError(
             "the instructions judge got a row with an empty 'constraints' list; nothing to check"
         )
-    results = [CHECKERS[c["type"]](text, c) for c in constraints]
+    results = check(text, constraints)
     return sum(results) / len(results)
 
 
