@@ -832,6 +832,11 @@ def test_unwritable_outputs_fail_before_any_work(model_dir, tmp_path, capsys):
     expect_error(
         train_argv(model_dir, data, blocker / "run"), capsys, "--output_dir", "is a file, not a folder"
     )
+    dangling = tmp_path / "link"
+    dangling.symlink_to(tmp_path / "missing")
+    expect_error(
+        train_argv(model_dir, data, dangling), capsys, "--output_dir", "symbolic link to a missing folder"
+    )
     expect_error(
         [
             "eval",

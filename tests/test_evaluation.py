@@ -145,6 +145,28 @@ def test_evaluate_errors(models):
         evaluate(policy, reference, tok, ROWS, temperature=0.0)
 
 
+def test_a_failing_judge_is_named_with_the_prompt(models, monkeypatch, capsys):
+    import tidpo.cli as cli_module
+
+    policy, reference, tok = models
+
+    def picky(text):
+        raise ValueError("bad input to my judge")
+
+    with pytest.raises(ValueError, match="bad input to my judge") as info:
+        evaluate(policy, reference, tok, ROWS, judge=picky, max_new_tokens=4, batch_size=2)
+    note = "judge <function"
+    assert note in info.value.__notes__[0] and "policy's generation for prompt 0" in info.value.__notes__[0]
+
+    def eval_raising(_argv):  # the CLI's one-line error carries the note
+        raise info.value
+
+    monkeypatch.setitem(cli_module.COMMANDS, "eval", eval_raising)
+    assert cli_module.main(["eval"]) == 2
+    line = capsys.readouterr().err.splitlines()[0]
+    assert "bad input to my judge" in line and "policy's generation for prompt 0" in line
+
+
 def test_mean_token_entropy_hand_computed():
     vocab = 8
     logits = torch.zeros(1, 4, vocab)  # uniform: entropy log(8)

@@ -950,7 +950,8 @@ def main(argv: list[str] | None = None) -> int:
     except _user_errors() as err:
         if os.environ.get("TIDPO_DEBUG", "").strip() not in ("", "0"):
             raise
-        message = " ".join(str(err).split()) or type(err).__name__  # one line, whatever the source
+        # One line, whatever the source; notes added on the way (which judge, which setting) included.
+        message = " ".join(" ".join([str(err), *getattr(err, "__notes__", [])]).split()) or type(err).__name__
         print(f"tidpo: error: {message}", file=sys.stderr)
         print("tidpo: (set TIDPO_DEBUG=1 to see the traceback)", file=sys.stderr)
         return 2
