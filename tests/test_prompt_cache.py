@@ -385,6 +385,7 @@ def _shared_step(trainer):
         {"loss_type": "ti_dpo", "gamma": 0.0},
         {"loss_type": "ti_dpo", "gamma": 0.0, "importance_mode": "dataset", "tdpo_alpha": 0.0},
         {"loss_type": "ti_dpo", "gamma": 0.0, "importance_mode": "prior"},
+        {"loss_type": "ti_dpo", "gamma": 0.0, "importance_mode": "random"},  # one draw per response token
         {"loss_type": "dpo", "importance_span": "sequence"},  # uniform weights: the span is unused
         {"loss_type": "ti_dpo", "gamma": 0.1, "tdpo_alpha": 0.0, "precompute_ref_logps": True},
     ],

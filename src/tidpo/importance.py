@@ -302,7 +302,8 @@ def importance_weights(
     Modes:
         ``"hybrid"``: Eq. 8 with ``lambda_importance`` (the paper's method).
         ``"uniform"``: 1 on the span (plain DPO weighting).
-        ``"random"``: i.i.d. Uniform(0, 1] draws from ``generator``, normalised to mean 1.
+        ``"random"``: i.i.d. Uniform(0, 1] draws from ``generator``, one per span token in reading
+        order (row by row), normalised to mean 1.
         ``"prior"``: Eq. 8 with lambda = 0 (Gaussian prior of Eq. 7 only).
         ``"gradient"``: Eq. 8 with lambda = 1 (no prior).
         ``"softmax"``: softmax of the raw scores over the span, times n (spec §8 decision).
@@ -313,7 +314,7 @@ def importance_weights(
         span_mask: ``[B, T]`` weighting span.
         lambda_importance, sigma_div: see :func:`hybrid_weights`.
         generator: random source for ``"random"`` (its device is used for the draws); or one generator
-            per row, each drawing that row's ``T`` values (draws that follow the data rows).
+            per row, each drawing that row's span values (draws that follow the data rows).
 
     Returns:
         float32 ``[B, T]``, detached, on ``span_mask``'s device.
@@ -330,19 +331,18 @@ def importance_weights(
     if mode == "uniform":
         return mask.float()
     if mode == "random":
+        # One draw per span token, in reading order, so a token's weight does not depend on how many
+        # positions come before the span (whole rows or share_prompt's continuations draw alike).
         # 1 - U[0, 1) lies in (0, 1]: strictly positive, so every span token keeps some weight.
-        if isinstance(generator, Sequence):
-            if len(generator) != mask.shape[0]:
-                raise ValueError(f"random weights: {len(generator)} generators for {mask.shape[0]} rows")
-            uniform = [
-                torch.rand(mask.shape[1], generator=g, device=g.device, dtype=torch.float64)
-                for g in generator
-            ]
-            draws = 1.0 - torch.stack([u.to(mask.device) for u in uniform])
-        else:
-            device = generator.device if generator is not None else span_mask.device
-            draws = 1.0 - torch.rand(mask.shape, generator=generator, device=device, dtype=torch.float64)
-        return _to_mean_one(draws.to(mask.device), mask, n)
+        sources = list(generator) if isinstance(generator, Sequence) else [generator] * mask.shape[0]
+        if len(sources) != mask.shape[0]:
+            raise ValueError(f"random weights: {len(sources)} generators for {mask.shape[0]} rows")
+        draws = torch.zeros(mask.shape, dtype=torch.float64, device=mask.device)
+        for row, (source, count) in enumerate(zip(sources, mask.sum(1).tolist(), strict=True)):
+            device = source.device if source is not None else mask.device
+            uniform = torch.rand(int(count), generator=source, device=device, dtype=torch.float64)
+            draws[row, mask[row]] = 1.0 - uniform.to(mask.device)
+        return _to_mean_one(draws, mask, n)
     # softmax: any finite real scores are acceptable.
     values = _check_scores(scores, span_mask, mode, nonnegative=False)
     logits = values.masked_fill(~mask, float("-inf"))
