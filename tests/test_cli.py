@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import warnings
 from pathlib import Path
 
@@ -429,8 +430,16 @@ def test_runs_on_top_of_a_lora_folder_save_what_they_trained(model_dir, tmp_path
         other, data, tmp_path / "ckpt", max_steps=2, use_peft="true", save_strategy="steps", save_steps=1
     )
     expect_error([*resumed, "--resume"], capsys, "was merged from", "Resume with the --model it started from")
+    # The same adapter moved elsewhere (same weights) resumes.
+    shutil.copytree(sft, tmp_path / "sft_moved")
     resumed = train_argv(
-        sft, data, tmp_path / "ckpt", max_steps=2, use_peft="true", save_strategy="steps", save_steps=1
+        tmp_path / "sft_moved",
+        data,
+        tmp_path / "ckpt",
+        max_steps=2,
+        use_peft="true",
+        save_strategy="steps",
+        save_steps=1,
     )
     assert cli([*resumed, "--resume"], capsys)[0] == 0
 

@@ -73,7 +73,7 @@ CASES = [
         ['"hello there"', "  “curly quotes”\n"],
         ['"hello" there', '""', "hello", '"Yes," he said, "no."'],
     ),
-    ({"type": "no_question"}, ["Sure.", "Fine!"], ["Why?", "", "なぜ？"]),
+    ({"type": "no_question"}, ["Sure.", "Fine!"], ["Why?", "", "なぜ？", "لماذا؟"]),
 ]
 
 
@@ -95,6 +95,13 @@ def test_word_and_sentence_splitting():
     assert ins.sentences("Hi there. How are you?! Fine...") == ["Hi there", "How are you", "Fine"]
     assert ins.sentences("- one\n- two") == ["one", "two"]  # list markers are not sentences
     assert ins.sentences("1. Cats sleep a lot.\n2) Cats purr.") == ["Cats sleep a lot", "Cats purr"]
+    # A time ends a sentence where the next word starts one.
+    assert ins.sentences("It ends at 3 p.m. Then we go. Main St. It is long.") == [
+        "It ends at 3 p.m",
+        "Then we go",
+        "Main St",
+        "It is long",
+    ]
     assert ins.sentences("Dr. Smith is here at 3 p.m. today. Use e.g. tea!") == [
         "Dr. Smith is here at 3 p.m. today",
         "Use e.g. tea",
@@ -401,6 +408,14 @@ def test_build_settings_are_recorded_once_it_writes_and_checked_on_reruns(tiny, 
     with pytest.raises(ValueError, match="no such model folder"):
         build_main(["--task", "sentiment", "--model", str(tmp_path / "typo"), "--out", str(out)])
     assert not settings_path(out).exists() and not out.exists()
+
+    def failing(text, row=None):  # fails in the first chunk, before anything is written (e.g. OOM)
+        raise RuntimeError("out of memory")
+
+    broken = Task("length", "fails", failing, "tests:fail", tmp_path, tmp_path)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        _build(tiny, broken, prompts, out, samples=5)
+    assert not settings_path(out).exists()
     _build(tiny, task, prompts, out)
     assert json.loads(settings_path(out).read_text())["samples"] == 3
     with pytest.raises(ValueError, match=r"built with other settings \(samples 3 -> 4\)"):
@@ -411,6 +426,10 @@ def test_build_settings_are_recorded_once_it_writes_and_checked_on_reruns(tiny, 
         _build(tiny, task, _prompts_file(tmp_path, 3), out)
     with pytest.raises(ValueError, match="built with other settings"):
         _build(tiny, task, prompts, out, seed=5)
+
+
+def test_end_phrase_in_a_script_without_spaces():
+    assert ins.check("非常谢谢", [{"type": "end_phrase", "phrase": "谢谢"}]) == [True]
 
 
 def test_build_refuses_judges_that_return_nan(tiny, tmp_path):

@@ -707,20 +707,23 @@ def _save_merged_base(
     path = (Path(output_dir) / "base_model").resolve()
     model.name_or_path = model.config._name_or_path = str(path)  # what PEFT records as the base
     origin = _merged_from(script.model)
+    staged = path.with_name("base_model.partial")
+    state = PartialState()
     if not afresh and (path / "config.json").is_file():
         marker = path / "merged_from.json"
         earlier = json.loads(marker.read_text()) if marker.is_file() else None
-        if earlier != origin:
+        if state.is_main_process:
+            shutil.rmtree(staged, ignore_errors=True)  # left by a killed attempt to start over
+        # The adapter's weights identify it (a moved or copied folder is the same adapter).
+        if earlier is None or earlier.get("adapter_sha256") != origin["adapter_sha256"]:
             raise CLIError(
                 f"{path} (the base of the adapter this run resumes) was merged from "
-                f"{earlier['model'] if earlier else 'another adapter'}"
+                f"{earlier['model'] if earlier else 'an adapter it did not record'}"
                 f"{' with other weights' if earlier and earlier['model'] == origin['model'] else ''}, not from "
                 f"--model {script.model} as it is now: the resumed adapter would load on another model. Resume with "
                 "the --model it started from, or start afresh."
             )
         return _BaseCopy(path, None)
-    staged = path.with_name("base_model.partial")
-    state = PartialState()
     if state.is_main_process:
         shutil.rmtree(staged, ignore_errors=True)  # a killed earlier attempt's
         print(
@@ -741,6 +744,7 @@ def _accept_merged_base(copy: _BaseCopy | None) -> None:
     from accelerate import PartialState
 
     state = PartialState()
+    state.wait_for_everyone()  # every rank has deleted the earlier run (its base_model too) before
     if state.is_main_process:
         shutil.rmtree(copy.path, ignore_errors=True)  # an unfinished earlier copy without config.json
         copy.staged.rename(copy.path)

@@ -182,7 +182,7 @@ def _validate_args(
         raise ValueError(f"flip_fraction must be between 0 and 1, got {flip_fraction!r}")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if not temperature > 0:
+    if not 0 < temperature < math.inf:
         raise ValueError(f"temperature must be > 0 (the build samples), got {temperature}")
     if not 0 < top_p <= 1 or top_k < 0:
         raise ValueError(
@@ -321,7 +321,6 @@ def build_pairs(
 
             bar = tqdm(total=n_prompts, initial=resumed, desc=f"build {task_obj.name}", unit="prompt")
         out_path.parent.mkdir(parents=True, exist_ok=True)
-        _record_settings(out_path, settings, rows_before=resumed)
         with out_path.open("a", encoding="utf-8") as f, tie_file.open("a", encoding="utf-8") as tf:
             for chunk in chunks:
                 # Seeded by the chunk's first prompt, not its position: a resumed run draws the same
@@ -343,7 +342,13 @@ def build_pairs(
                 lines, tie_lines = [], []
                 for (_, row), texts in zip(chunk, completions, strict=True):
                     texts = [t.strip() for t in texts]
-                    scores = [float(task_obj.judge(t, row)) for t in texts]
+                    raw = [task_obj.judge(t, row) for t in texts]
+                    if any(isinstance(x, (str, bytes)) for x in raw):
+                        raise ValueError(
+                            f"the {task_obj.name} judge returned text ({raw}) for prompt {row.get('id', '')!r}: "
+                            "judges must return numbers."
+                        )
+                    scores = [float(x) for x in raw]
                     if not all(math.isfinite(x) for x in scores):
                         raise ValueError(
                             f"the {task_obj.name} judge scored a sample of prompt {row.get('id', '')!r} "
@@ -374,6 +379,9 @@ def build_pairs(
                         )
                         + "\n"
                     )
+                # Recorded once this build writes its first results: a build that failed before (a wrong
+                # model, out of memory in the first chunk) must not hold the corrected rerun to its settings.
+                _record_settings(out_path, settings, rows_before=resumed)
                 # One write per chunk and file, then flush to disk: an interruption loses at most this
                 # chunk and leaves at most one partial line per file (dropped on restart).
                 # Ties first: a crash between the two writes then re-samples nothing that has a pair.

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+import unicodedata
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -27,8 +28,10 @@ _SENTENCE_END = re.compile(r"[.!?]+(?=[\s\"'”’)]|$)")
 _BULLET = re.compile(r"^\s*[-*]\s+\S")
 # A list item's marker ("- ", "* ", "• ", "1. ", "2) ") is not a sentence of its own.
 _LIST_MARKER = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s+")
-# A period after these ends no sentence ("Dr. Smith", "3 p.m. today", "e.g. tea").
-_ABBREVIATIONS = {"mr", "mrs", "ms", "dr", "prof", "st", "vs", "e.g", "i.e", "a.m", "p.m"}
+# A period after these ends no sentence ("Dr. Smith", "e.g. tea"); after a time ("3 p.m. today") only
+# where the next word starts in lower case or with a digit ("at 3 p.m. Then ..." ends one).
+_ABBREVIATIONS = {"mr", "mrs", "dr", "prof", "vs", "e.g", "i.e"}
+_TIMES = {"a.m", "p.m"}
 _QUOTES = {('"', '"'), ("“", "”")}
 
 
@@ -50,7 +53,11 @@ def sentences(text: str) -> list[str]:
         start = 0
         for end in _SENTENCE_END.finditer(line):
             before = line[start : end.start()].split()
-            if end.group() == "." and before and before[-1].lower() in _ABBREVIATIONS:
+            last = before[-1].lower() if before else ""
+            after = line[end.end() :].lstrip()
+            if end.group() == "." and (
+                last in _ABBREVIATIONS or (last in _TIMES and (after[:1].islower() or after[:1].isdigit()))
+            ):
                 continue
             if words(line[start : end.start()]):
                 out.append(line[start : end.start()].strip())
@@ -114,7 +121,8 @@ def _end_phrase(text: str, c: Mapping[str, Any]) -> bool:
 
 
 def _is_word_char(ch: str) -> bool:
-    return ch.isalnum() or ch == "_"
+    # Scripts written without spaces (CJK) have no word boundary to check.
+    return (ch.isalnum() or ch == "_") and unicodedata.east_asian_width(ch) not in ("W", "F")
 
 
 def _bullet_count(text: str, c: Mapping[str, Any]) -> bool:
@@ -143,7 +151,7 @@ def _wrap_in_quotes(text: str, c: Mapping[str, Any]) -> bool:
 
 
 def _no_question(text: str, c: Mapping[str, Any]) -> bool:
-    return bool(text.strip()) and "?" not in text and "？" not in text
+    return bool(text.strip()) and not any(mark in text for mark in "?？؟﹖")
 
 
 # type -> (checker, required params with their types, sentence that states the constraint)
