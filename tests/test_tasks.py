@@ -436,6 +436,9 @@ def test_build_refuses_judges_that_return_nan(tiny, tmp_path):
     task = Task("nan", "NaN scores", lambda text, row=None: float("nan"), "tests:nan", tmp_path, tmp_path)
     with pytest.raises(ValueError, match=r"the nan judge scored a sample of prompt 'p0'.*finite numbers"):
         _build(tiny, task, _prompts_file(tmp_path, 2), tmp_path / "n.jsonl")
+    text = Task("text", "text scores", lambda text, row=None: "0.7", "tests:text", tmp_path, tmp_path)
+    with pytest.raises(ValueError, match=r"returned '0.7', expected a number"):
+        _build(tiny, text, _prompts_file(tmp_path, 2), tmp_path / "t.jsonl")
 
 
 @pytest.mark.slow

@@ -34,6 +34,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from tidpo.judges import get_judge
 from tidpo.tasks import Task, get_task, load_prompts
 
 __all__ = ["build_pairs", "main", "prompt_key", "read_pairs", "ties_path"]
@@ -313,6 +314,7 @@ def build_pairs(
                 raise ValueError("build_pairs: a loaded model needs its tokenizer (pass tokenizer=...)")
             lm = model
             stats["model"] = getattr(getattr(lm, "config", None), "name_or_path", "") or type(lm).__name__
+        judge = get_judge(task_obj.judge)  # a number from every judge, text refused (tidpo.judges)
         per_chunk = max(1, batch_size // samples)
         chunks = [todo[i : i + per_chunk] for i in range(0, len(todo), per_chunk)]
         bar = None
@@ -342,13 +344,7 @@ def build_pairs(
                 lines, tie_lines = [], []
                 for (_, row), texts in zip(chunk, completions, strict=True):
                     texts = [t.strip() for t in texts]
-                    raw = [task_obj.judge(t, row) for t in texts]
-                    if any(isinstance(x, (str, bytes)) for x in raw):
-                        raise ValueError(
-                            f"the {task_obj.name} judge returned text ({raw}) for prompt {row.get('id', '')!r}: "
-                            "judges must return numbers."
-                        )
-                    scores = [float(x) for x in raw]
+                    scores = [judge(t, row) for t in texts]
                     if not all(math.isfinite(x) for x in scores):
                         raise ValueError(
                             f"the {task_obj.name} judge scored a sample of prompt {row.get('id', '')!r} "
