@@ -403,7 +403,7 @@ def test_build_settings_are_recorded_once_it_writes_and_checked_on_reruns(tiny, 
     out = tmp_path / "s.jsonl"
     # Builds that fail before writing (bad sampling settings, a mistyped model folder) record nothing,
     # so the corrected rerun is not held to them.
-    with pytest.raises(ValueError, match="temperature must be > 0"):
+    with pytest.raises(ValueError, match="temperature must be a positive finite number"):
         _build(tiny, task, prompts, out, temperature=0.0)
     with pytest.raises(ValueError, match="no such model folder"):
         build_main(["--task", "sentiment", "--model", str(tmp_path / "typo"), "--out", str(out)])
@@ -430,6 +430,7 @@ def test_build_settings_are_recorded_once_it_writes_and_checked_on_reruns(tiny, 
 
 def test_end_phrase_in_a_script_without_spaces():
     assert ins.check("非常谢谢", [{"type": "end_phrase", "phrase": "谢谢"}]) == [True]
+    assert ins.check("ขอบคุณครับ", [{"type": "end_phrase", "phrase": "ครับ"}]) == [True]
 
 
 def test_build_refuses_judges_that_return_nan(tiny, tmp_path):

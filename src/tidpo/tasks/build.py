@@ -184,7 +184,9 @@ def _validate_args(
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if not 0 < temperature < math.inf:
-        raise ValueError(f"temperature must be > 0 (the build samples), got {temperature}")
+        raise ValueError(
+            f"temperature must be a positive finite number (the build samples), got {temperature}"
+        )
     if not 0 < top_p <= 1 or top_k < 0:
         raise ValueError(
             f"top_p must be in (0, 1] and top_k >= 0 (0: no top-k), got top_p={top_p}, top_k={top_k}"

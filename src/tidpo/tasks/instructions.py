@@ -120,9 +120,17 @@ def _end_phrase(text: str, c: Mapping[str, Any]) -> bool:
     )
 
 
+# Scripts written without spaces between words (Thai, Lao, Myanmar, Khmer; CJK and other wide or
+# half-width forms below): no word boundary to check there.
+_SPACELESS = ((0x0E00, 0x0EFF), (0x1000, 0x109F), (0x1780, 0x17FF))
+
+
 def _is_word_char(ch: str) -> bool:
-    # Scripts written without spaces (CJK) have no word boundary to check.
-    return (ch.isalnum() or ch == "_") and unicodedata.east_asian_width(ch) not in ("W", "F")
+    if not (ch.isalnum() or ch == "_"):
+        return False
+    if unicodedata.east_asian_width(ch) in ("W", "F", "H"):
+        return False
+    return not any(low <= ord(ch) <= high for low, high in _SPACELESS)
 
 
 def _bullet_count(text: str, c: Mapping[str, Any]) -> bool:
