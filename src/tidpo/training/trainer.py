@@ -797,8 +797,11 @@ class TIDPOTrainer(Trainer):
     def _anchor_valid(self, completion: torch.Tensor, horizon: torch.Tensor) -> torch.Tensor:
         """The anchor tokens that enter the loss (bool, ``[B, N]``, a prefix of each row): up to and
         including the first stop id (EOS), and within the pair's horizon (`_anchor_horizon`)."""
-        stop = torch.tensor(self._anchor_stop_ids, dtype=completion.dtype, device=completion.device)
-        is_eos = torch.isin(completion, stop).long()
+        # Compared id by id: a tensor of the ids would be a host-to-device copy (a sync) every step.
+        is_eos = torch.zeros_like(completion, dtype=torch.bool)
+        for stop in self._anchor_stop_ids:
+            is_eos |= completion == stop
+        is_eos = is_eos.long()
         positions = torch.arange(completion.size(1), device=completion.device)
         return ((is_eos.cumsum(1) - is_eos) == 0) & (positions < horizon[:, None])
 
