@@ -29,6 +29,19 @@ def first_batch(trainer: TIDPOTrainer) -> dict[str, torch.Tensor]:
     return trainer._prepare_inputs(trainer.data_collator(rows))
 
 
+def saved_for_backward(fn) -> list[tuple[int, bool]]:
+    """(numel, requires_grad) of every tensor that autograd saves for the backward while ``fn()`` runs."""
+    seen: list[tuple[int, bool]] = []
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        seen.append((tensor.numel(), tensor.requires_grad))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        fn()
+    return seen
+
+
 def loss_and_grads(trainer: TIDPOTrainer, batch) -> tuple[float, dict[str, torch.Tensor], float]:
     trainer.model.train()
     trainer.model.zero_grad()
@@ -137,7 +150,7 @@ def test_kl_under_checkpointing_holds_the_reference_hidden_states_not_its_logits
     monkeypatch.setattr(tokenops, "CPU_HEAD_BYTES", CPU_BLOCK_BYTES // 8)
     vocab = 8192
     base = tiny_causal_lm("llama", tokenizer=tiny_tok, vocab_size=vocab, hidden_size=32, num_layers=1)
-    peaks, results = {}, {}
+    peaks, results, saved = {}, {}, {}
     for name, overrides, head in (
         ("dpo", {"loss_type": "dpo"}, True),
         ("kl", {"gamma": 0.0, "tdpo_alpha": 0.5}, True),
@@ -168,7 +181,7 @@ def test_kl_under_checkpointing_holds_the_reference_hidden_states_not_its_logits
         def step(trainer=trainer, batch=batch) -> None:
             trainer.compute_loss(trainer.model, batch).backward()
 
-        step()
+        saved[name] = saved_for_backward(step)
         trainer.model.zero_grad(set_to_none=True)
         peaks[name] = peak_tensor_bytes(step)
         trainer.model.zero_grad(set_to_none=True)
@@ -176,9 +189,15 @@ def test_kl_under_checkpointing_holds_the_reference_hidden_states_not_its_logits
         assert set(used) == {head and name != "dpo"}, (name, used)
     shared = trainer._shared_prompt(trainer.model, batch)  # the logits cover the continuations only
     assert shared is not None
-    logits_bytes = shared.ids.numel() * vocab * 4
-    assert peaks["kl"] <= 1.15 * peaks["dpo"], (peaks, logits_bytes)
-    assert peaks["kl_logits"] >= peaks["dpo"] + 0.9 * logits_bytes, (peaks, logits_bytes)
+    logits_numel = shared.ids.numel() * vocab
+    # What the graph holds for the backward decides it, whatever the allocator's timing: only the
+    # control keeps a [B, T, V] tensor that needs no gradient (the reference logits) until then.
+    held = {name: [n for n, grad in s if n >= logits_numel and not grad] for name, s in saved.items()}
+    assert held == {"dpo": [], "kl": [], "kl_logits": [logits_numel]}, held
+    # And the peak shows it. How much of the control's extra tensor is alive at its peak depends on
+    # the CPU's kernels (0.7-1.3 of it, seen on two machines); the head path's margin does not.
+    assert peaks["kl"] <= 1.15 * peaks["dpo"], (peaks, logits_numel * 4)
+    assert peaks["kl_logits"] >= peaks["kl"] + 0.25 * logits_numel * 4, (peaks, logits_numel * 4)
     (loss_h, grads_h, _), (loss_l, grads_l, _) = results["kl"], results["kl_logits"]
     assert loss_h == pytest.approx(loss_l, rel=1e-5)
     assert grads_h.keys() == grads_l.keys()
