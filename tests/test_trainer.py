@@ -620,7 +620,9 @@ def test_bf16_mixed_precision_trains_and_starts_at_zero_kl(
 ):
     """bf16 autocast (accelerate wraps the forward; its outputs come back float32): the fused attribution's
     output-layer call and the checkpointed KL's reference head run in the forward's precision, so a bf16
-    model trains and, with the policy equal to the reference, step 1 has KL 0 and loss log 2 exactly."""
+    model trains and, with the policy equal to the reference, step 1 has KL 0 and loss log 2 (up to
+    rounding: on CPUs without AVX-512 the grad and no-grad bf16 forwards can differ in the last bits, KL
+    ~4e-10, where a forward outside the autocast gives ~1e-6)."""
     args = make_config(
         tmp_path, bf16=True, gamma=0.0, max_steps=1, gradient_checkpointing=checkpointing, learning_rate=1e-3
     )
@@ -628,7 +630,7 @@ def test_bf16_mixed_precision_trains_and_starts_at_zero_kl(
     trainer = TIDPOTrainer(model, args=args, train_dataset=pairs_dataset, processing_class=tiny_tok)
     trainer.train()
     first = trainer.state.log_history[0]
-    assert first["kl/chosen"] == 0.0 and first["kl/rejected"] == 0.0
+    assert abs(first["kl/chosen"]) < 1e-8 and abs(first["kl/rejected"]) < 1e-8, first
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert first["weights/std"] > 0
 
