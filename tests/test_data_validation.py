@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 from datasets import Dataset
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tidpo.data import (
@@ -202,6 +202,7 @@ def test_split_implicit_prompt_examples():
     )
 
 
+@settings(deadline=None)
 @given(st.text(max_size=12), st.text(min_size=1, max_size=12), st.text(min_size=1, max_size=12))
 def test_split_implicit_prompt_reassembles(prefix, a, b):
     chosen, rejected = prefix + a, prefix + b
