@@ -245,6 +245,11 @@ def test_yaml_value_of_the_wrong_type(model_dir, tmp_path, capsys):
         (["--dtype", "float17"], "--dtype 'float17': not a torch dtype"),
         (["--report_pairs", "0"], "--report_pairs 0: must be >= 1"),
         (["--resume", "--resume_from_checkpoint", "x"], "not both"),
+        (
+            ["--precompute_ref_log_probs", "true"],
+            "'--precompute_ref_log_probs' (tidpo's name is precompute_ref",
+        ),
+        (["--betta", "0.2"], "'--betta' (did you mean '--beta'?)"),
         pytest.param(
             ["--load_in_4bit", "true", "--use_peft", "true"],
             "--load_in_4bit (QLoRA) needs a CUDA GPU",

@@ -76,7 +76,8 @@ def test_every_loss_type_trains(tmp_path, tiny_tok, tiny_llama, pairs_dataset, l
     else:  # the baselines weight every token 1: no weight statistics to log
         assert not [k for k in logs[-1] if k.startswith("weights/")]
     # TDPO1 has no alpha (its KL difference enters with weight 1); the others default to the paper's 0.5.
-    assert trainer.args.tdpo_alpha == (1.0 if loss_type == "tdpo1" else 0.5)
+    alpha = {"tdpo1": 1.0, "ti_dpo": 0.5, "tdpo2": 0.5}.get(loss_type, 0.0)
+    assert trainer.args.kl_alpha == alpha and trainer.args.tdpo_alpha is None
     if loss_type == "simpo":
         assert trainer.ref_model is None
 
@@ -440,11 +441,51 @@ def test_reentrant_checkpointing_needs_the_separate_attribution_pass(
         ("gamma", -1.0),
         ("anchor_top_p", 0.0),
         ("label_smoothing", 0.2),
+        ("beta", "0.1"),  # a string from a hand-written dict fails here, naming the option
+        ("beta", math.inf),
+        ("gamma", math.nan),
+        ("simpo_gamma", -5.0),
+        ("sigma_div", math.inf),
+        ("anchor_temperature", math.inf),
+        ("lambda_importance", None),
+        ("max_length", "128"),
+        ("anchor_max_new_tokens", 2.5),
+        ("anchor_top_k", 2.5),
+        ("disable_dropout", "false"),  # would count as True
+        ("share_prompt", "no"),
+        ("remove_unused_columns", True),  # the collator needs the tokenised columns
     ],
 )
 def test_invalid_config_raises_naming_the_option(tmp_path, option, value):
-    with pytest.raises(ValueError, match=option):
+    with pytest.raises(ValueError, match=rf"invalid {option}="):
         TIDPOConfig(output_dir=str(tmp_path), **{option: value})
+
+
+@pytest.mark.parametrize(
+    ("option", "hint"),
+    [
+        ("precompute_ref_log_probs", "tidpo's name is precompute_ref_logps"),  # TRL's name
+        ("max_completion_length", "max_length bounds prompt + response, max_prompt_length the prompt"),
+        ("betta", "did you mean 'beta'?"),
+    ],
+)
+def test_unknown_options_are_refused_with_what_to_use(tmp_path, option, hint):
+    with pytest.raises(TypeError, match=re.escape(f"unknown option(s) '{option}' ({hint})")):
+        TIDPOConfig(output_dir=str(tmp_path), **{option: 1})
+
+
+def test_the_kl_weight_follows_the_loss_type_of_a_copied_config(tmp_path):
+    """tdpo_alpha keeps what was given (None: the loss type's own weight), so a config copied with
+    another loss_type gets that loss type's weight, not the first one's."""
+    config = TIDPOConfig(output_dir=str(tmp_path))
+    assert (config.tdpo_alpha, config.kl_alpha) == (None, 0.5)
+    assert dataclasses.replace(config, loss_type="tdpo1").kl_alpha == 1.0
+    tdpo1 = TIDPOConfig(output_dir=str(tmp_path), loss_type="tdpo1")
+    assert (tdpo1.kl_alpha, dataclasses.replace(tdpo1, loss_type="ti_dpo").kl_alpha) == (1.0, 0.5)
+    assert dataclasses.replace(config, loss_type="dpo").kl_alpha == 0.0
+    assert TIDPOConfig(output_dir=str(tmp_path), tdpo_alpha=0.2, loss_type="tdpo2").kl_alpha == 0.2
+    with pytest.warns(UserWarning, match=r"tdpo_alpha=0.3 .*TDPO1's KL difference enters with weight 1"):
+        assert TIDPOConfig(output_dir=str(tmp_path), loss_type="tdpo1", tdpo_alpha=0.3).kl_alpha == 1.0
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
@@ -672,15 +713,33 @@ def test_gamma_given_to_a_baseline_is_warned_about(tmp_path):
         ({"loss_type": "dpo", "importance_mode": "prior"}, "importance_mode='prior' weights the tokens"),
         ({"loss_type": "ipo", "tdpo_alpha": 0.2}, "tdpo_alpha=0.2 is the sequential KL weight"),
         ({"loss_type": "ti_dpo", "simpo_gamma": 1.0}, "simpo_gamma=1.0 is the target margin"),
+        (
+            {"loss_type": "ti_dpo", "gamma": 0.0, "anchor_top_k": 10},
+            "anchor_top_k=10 is not used: it samples the triplet term's",
+        ),
+        ({"loss_type": "ti_dpo", "gamma": 0.0, "triplet_margin": 0.5}, "triplet_margin=0.5 is not used"),
+        ({"loss_type": "dpo", "anchor_max_new_tokens": 8}, "anchor_max_new_tokens=8 is not used"),
+        (
+            {"loss_type": "ti_dpo", "importance_mode": "uniform", "lambda_importance": 0.5},
+            "lambda_importance=0.5 is not used: it mixes attribution and prior",
+        ),
+        (
+            {"loss_type": "ti_dpo", "importance_mode": "uniform", "sigma_div": 2.0},
+            "sigma_div=2.0 is not used",
+        ),
+        (
+            {"loss_type": "ti_dpo", "importance_mode": "prior", "attribution_pass": "separate"},
+            "attribution_pass='separate' is not used",
+        ),
     ],
 )
 def test_options_a_loss_does_not_read_are_warned_about(tmp_path, options, message):
-    with pytest.warns(UserWarning, match=re.escape(message) + ".*does not use it"):
+    with pytest.warns(UserWarning, match=re.escape(message) + ".*(does not use it|does without)"):
         TIDPOConfig(output_dir=str(tmp_path), **options)
     with warnings.catch_warnings(record=True) as caught:  # defaults, and a copy of a config: quiet
         warnings.simplefilter("always")
         dataclasses.replace(TIDPOConfig(output_dir=str(tmp_path), loss_type=options["loss_type"]))
-    assert not [w for w in caught if "does not use it" in str(w.message)]
+    assert not [w for w in caught if "does not use it" in str(w.message) or "is not used" in str(w.message)]
 
 
 def test_random_weights_follow_the_data_rows(tmp_path, tiny_tok, tiny_llama, pairs_dataset):
@@ -856,3 +915,31 @@ def test_a_smaller_last_micro_batch_weighs_by_its_pairs(tmp_path, tiny_tok, pair
     assert params["loss3"] == pytest.approx(params["loss8"], rel=1e-5)
     for name, value in params[8].items():
         torch.testing.assert_close(params[3][name], value, rtol=0, atol=2e-6, msg=name)
+
+
+def test_trl_trainer_arguments_that_do_not_apply_are_refused_or_warned(
+    tmp_path, tiny_tok, tiny_llama, pairs_dataset
+):
+    args = make_config(tmp_path, gamma=0.0)
+    # TRL's positional order puts data_collator before train_dataset: only keywords after args.
+    with pytest.raises(TypeError, match="positional"):
+        TIDPOTrainer(tiny_llama, None, args, pairs_dataset)
+    # No predictions reach compute_metrics: refused when given, and when set afterwards.
+    with pytest.raises(ValueError, match=r"compute_metrics is not supported.*on_evaluate"):
+        TIDPOTrainer(
+            tiny_llama, args=args, train_dataset=pairs_dataset, processing_class=tiny_tok, compute_metrics=len
+        )
+    trainer = TIDPOTrainer(
+        tiny_llama,
+        args=args,
+        train_dataset=pairs_dataset,
+        eval_dataset=pairs_dataset,
+        processing_class=tiny_tok,
+    )
+    trainer.compute_metrics = len
+    with pytest.raises(ValueError, match="compute_metrics is not supported"):
+        trainer.evaluate()
+    # model_init_kwargs only apply to models given by name.
+    kwargs_args = make_config(tmp_path, gamma=0.0, model_init_kwargs={"dtype": "bfloat16"})
+    with pytest.warns(UserWarning, match="model_init_kwargs apply to models given by name"):
+        TIDPOTrainer(tiny_llama, args=kwargs_args, train_dataset=pairs_dataset, processing_class=tiny_tok)

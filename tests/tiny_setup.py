@@ -32,12 +32,13 @@ def make_config(tmp_path: Path, **overrides) -> TIDPOConfig:
         report_to="none",
         use_cpu=True,
         seed=0,
-        anchor_max_new_tokens=6,
         max_length=64,
         max_prompt_length=32,
         disable_tqdm=True,
     )
     base.update(overrides)
+    if base.get("loss_type", "ti_dpo") == "ti_dpo" and base.get("gamma", 0.1) > 0:
+        base.setdefault("anchor_max_new_tokens", 6)  # short anchors (without a triplet term: unused, warned)
     return TIDPOConfig(**base)
 
 

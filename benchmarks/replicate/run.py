@@ -156,6 +156,9 @@ def run_one(run: Run, train: Path, test: Path, budget: Budget) -> dict:
     tokenizer = load_tokenizer("smollm2-135m")
     model = load_causal_lm("smollm2-135m", dtype=torch.float32)
     train_data = load_preference_dataset(str(train))
+    method = METHODS[run.method]
+    uses_anchors = method["loss_type"] == "ti_dpo" and method.get("gamma", 0.1) > 0
+    triplet = {"anchor_max_new_tokens": budget.anchor_max_new_tokens} if uses_anchors else {}
     args = TIDPOConfig(
         output_dir=str(out / "train"),
         use_cpu=True,
@@ -172,8 +175,8 @@ def run_one(run: Run, train: Path, test: Path, budget: Budget) -> dict:
         disable_tqdm=True,
         max_length=budget.max_length,
         max_prompt_length=budget.max_prompt_length,
-        anchor_max_new_tokens=budget.anchor_max_new_tokens,
-        **METHODS[run.method],
+        **method,
+        **triplet,
     )
     lora = LoraConfig(
         r=budget.lora_r, lora_alpha=budget.lora_alpha, target_modules="all-linear", task_type="CAUSAL_LM"

@@ -156,10 +156,9 @@ def load_yaml_config(path: str) -> dict[str, Any]:
     known = _known_keys()
     unknown = [k for k in data if k not in known]
     if unknown:
-        hints = []
-        for key in unknown:
-            close = difflib.get_close_matches(key, known, n=1)
-            hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        from tidpo.training.config import unknown_option
+
+        hints = [unknown_option(key, known) for key in unknown]
         raise CLIError(
             f"unknown option(s) in {path}: {', '.join(hints)}. Options are the fields of TIDPOConfig "
             "(see README, 'Config reference') and the script options of `tidpo train --help`."
@@ -244,10 +243,15 @@ def parse_train_args(argv: list[str]):
     )
     script, config = objects[0], objects[1]  # objects[2], when present, holds --config/--resume
     if extra:
+        from tidpo.training.config import TRL_OPTIONS
+
         known_flags = [f"--{key}" for key in _known_keys()]
         hints = []
         for arg in extra:
             flag = arg.split("=")[0]
+            if flag.startswith("--") and flag[2:] in TRL_OPTIONS:
+                hints.append(f"{arg!r} ({TRL_OPTIONS[flag[2:]]})")
+                continue
             close = difflib.get_close_matches(flag, known_flags, n=1) if flag.startswith("--") else []
             hints.append(f"{arg!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
         raise CLIError(f"tidpo train: unrecognised argument(s): {', '.join(hints)}")

@@ -10,11 +10,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import inspect
 import os
 import shutil
 import tempfile
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -231,6 +234,85 @@ _TINY_CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+
+
+REFERENCE_ADAPTER = "ref"  # TRL's name for the same thing
+
+
+def add_reference_adapter(model: torch.nn.Module) -> str | None:
+    """Give a PeftModel whose active adapter already changes the model (a pretrained adapter, e.g. from
+    SFT) a frozen copy of that adapter, named ``"ref"``, and return the name; as TRL's DPOTrainer does,
+    so the reference is the model training starts from, not the base model under it.
+
+    Returns ``"ref"`` without copying when the model already has an adapter of that name (the caller's
+    own reference adapter), and None when the base model is already that reference: a LoRA adapter
+    whose B matrices are all zero (as PEFT initialises them) adds nothing yet, so the reference runs
+    with adapters disabled, without the adapter's matmuls.
+    """
+    active = model.active_adapter
+    if REFERENCE_ADAPTER in model.peft_config:
+        if active == REFERENCE_ADAPTER:
+            raise ValueError(
+                f"The PeftModel trains its adapter {REFERENCE_ADAPTER!r}, the name the trainer gives the "
+                "frozen reference copy: rename the adapter you train, or pass a ref_model."
+            )
+        return REFERENCE_ADAPTER
+    config = model.peft_config[active]
+    if config.is_prompt_learning:
+        warnings.warn(
+            f"The PeftModel's adapter is {config.peft_type} (prompt learning), which cannot be copied as a "
+            "reference adapter: the reference is the model without it. Pass a ref_model if the adapter was "
+            "trained before.",
+            stacklevel=3,
+        )
+        return None
+    named = dict(model.named_parameters())
+    marker = f".{active}."
+    plain_lora = (
+        str(config.peft_type) in ("LORA", "PeftType.LORA")
+        and not getattr(config, "use_dora", False)
+        and not getattr(config, "modules_to_save", None)
+        and not getattr(config, "trainable_token_indices", None)
+    )
+    b_matrices = [p for n, p in named.items() if marker in n and ("lora_B" in n or "lora_embedding_B" in n)]
+    if plain_lora and b_matrices and all(not p.detach().any() for p in b_matrices):
+        return None
+    model.add_adapter(REFERENCE_ADAPTER, config)
+    twins = {n: p for n, p in model.named_parameters() if f".{REFERENCE_ADAPTER}." in n}
+    copied = 0
+    with torch.no_grad():
+        for name, param in named.items():
+            if marker in name:
+                twins[name.replace(marker, f".{REFERENCE_ADAPTER}.")].copy_(param)
+                copied += 1
+    for param in twins.values():
+        param.requires_grad_(False)
+    if not copied:
+        raise ValueError(f"Found no parameter of the PeftModel's active adapter {active!r} to copy.")
+    return REFERENCE_ADAPTER
+
+
+@contextlib.contextmanager
+def adapter_active(model: torch.nn.Module, name: str) -> Iterator[None]:
+    """Run ``model`` (a PeftModel) with its adapter ``name`` alone active.
+
+    PEFT's ``set_adapter`` also makes the adapter it activates trainable and the others frozen; flipping
+    ``requires_grad`` between a step's policy forward and its backward is not something to rely on, so
+    this sets the layers' active adapter and nothing else.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    layers = [m for m in model.modules() if isinstance(m, (BaseTunerLayer, AuxiliaryTrainingWrapper))]
+    saved = [m._active_adapter for m in layers]
+    try:
+        for m in layers:
+            has = name in m._adapters if isinstance(m, AuxiliaryTrainingWrapper) else True
+            m._active_adapter = [name] if has else []
+        yield
+    finally:
+        for m, before in zip(layers, saved, strict=True):
+            m._active_adapter = before
 
 
 def tiny_tokenizer(vocab_size: int = 320) -> PreTrainedTokenizerBase:

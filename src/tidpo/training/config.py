@@ -7,7 +7,12 @@ sigma = n/4) and, where the paper is silent, the authors' code (lr 5e-6, max_len
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import functools
+import math
 import warnings
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
@@ -40,8 +45,10 @@ class TIDPOConfig(TrainingArguments):
             Weight alpha of the sequential KL term `alpha * (KL_seq(y_l) - sg(KL_seq(y_w)))` inside the
             sigmoid (spec section 4; the paper's "TDPO KL weight"). Used by `"ti_dpo"`, `"tdpo1"`,
             `"tdpo2"`; 0 turns it off (then `"ti_dpo"` is exactly Eq. 12 plus the triplet term). `None`:
-            the loss type's own value, 0.5 for `"ti_dpo"` and `"tdpo2"` (the paper's table), 1 for
-            `"tdpo1"` (TDPO1 has no alpha: its KL difference enters with weight 1).
+            0.5 (the paper's table). `"tdpo1"` has no alpha: its KL difference always enters with weight 1
+            (a value set here is warned about and not used). The field keeps what was given; the weight
+            the loss uses is `kl_alpha`, so a config copied with another `loss_type`
+            (`dataclasses.replace`) gets that loss type's weight.
         gamma (`float`, defaults to `0.1`):
             Weight of the triplet loss in `L = L_base + gamma * L_triplet` (Eq. 14). 0 disables the triplet
             term and anchor sampling (the "no triplet" ablation).
@@ -177,7 +184,7 @@ class TIDPOConfig(TrainingArguments):
     beta: float = field(default=0.1, metadata={"help": "Implicit-reward temperature beta (Eq. 12)."})
     label_smoothing: float = field(default=0.0, metadata={"help": "cDPO label smoothing ('dpo', 'simpo')."})
     tdpo_alpha: float | None = field(
-        default=None, metadata={"help": "Sequential KL weight alpha (spec §4); None: 1 for tdpo1, else 0.5."}
+        default=None, metadata={"help": "Sequential KL weight alpha (spec §4); None: 0.5 (tdpo1: always 1)."}
     )
     gamma: float = field(default=0.1, metadata={"help": "Triplet loss weight gamma (Eq. 14)."})
     triplet_margin: float = field(default=0.1, metadata={"help": "Triplet hinge margin (Eq. 13)."})
@@ -235,7 +242,8 @@ class TIDPOConfig(TrainingArguments):
     )
     logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
     remove_unused_columns: bool = field(
-        default=False, metadata={"help": "Kept False: the collator needs the tokenised columns."}
+        default=False,
+        metadata={"help": "Must stay False: the collator needs the tokenised columns (others are ignored)."},
     )
 
     def __post_init__(self) -> None:
@@ -264,8 +272,7 @@ class TIDPOConfig(TrainingArguments):
 
         if self.loss_type not in LOSS_TYPES:
             raise bad("loss_type", self.loss_type, f"one of {', '.join(LOSS_TYPES)}")
-        if self.tdpo_alpha is None:
-            self.tdpo_alpha = 1.0 if self.loss_type == "tdpo1" else 0.5
+        self._check_types(bad)
         if self.importance_mode not in IMPORTANCE_MODES:
             raise bad("importance_mode", self.importance_mode, f"one of {', '.join(IMPORTANCE_MODES)}")
         if self.importance_span not in IMPORTANCE_SPANS:
@@ -290,20 +297,23 @@ class TIDPOConfig(TrainingArguments):
             unused.append(
                 f"importance_mode={self.importance_mode!r} weights the tokens of loss_type='ti_dpo'"
             )
-        if self.loss_type in ("dpo", "ipo", "simpo") and self.tdpo_alpha not in (0.0, 0.5):
+        if self.loss_type in ("dpo", "ipo", "simpo") and self.tdpo_alpha not in (None, 0.0, 0.5):
+            unused.append(f"tdpo_alpha={self.tdpo_alpha} is the sequential KL weight of ti_dpo / tdpo2")
+        if self.loss_type == "tdpo1" and self.tdpo_alpha not in (None, 1.0):
             unused.append(
-                f"tdpo_alpha={self.tdpo_alpha} is the sequential KL weight of ti_dpo / tdpo1 / tdpo2"
+                f"tdpo_alpha={self.tdpo_alpha} is the sequential KL weight of ti_dpo / tdpo2 (TDPO1's KL "
+                "difference enters with weight 1)"
             )
         if self.loss_type != "simpo" and self.simpo_gamma != 0.5:
             unused.append(f"simpo_gamma={self.simpo_gamma} is the target margin of loss_type='simpo'")
-        for what in unused:
-            warnings.warn(
-                f"TIDPOConfig: {what}; loss_type={self.loss_type!r} does not use it.",
-                UserWarning,
-                stacklevel=4,  # the caller of TIDPOConfig(...) (past the generated __init__)
-            )
-        if not self.tdpo_alpha >= 0:
+        unused = [f"{what}; loss_type={self.loss_type!r} does not use it." for what in unused]
+        for what in unused + self._unused_by_the_weights_or_anchors():
+            # stacklevel: the caller of TIDPOConfig(...) (past the generated __init__)
+            warnings.warn(f"TIDPOConfig: {what}", UserWarning, stacklevel=4)
+        if self.tdpo_alpha is not None and not self.tdpo_alpha >= 0:
             raise bad("tdpo_alpha", self.tdpo_alpha, "a number >= 0 (0 disables the sequential KL)")
+        if not self.simpo_gamma >= 0:
+            raise bad("simpo_gamma", self.simpo_gamma, "a number >= 0")
         if not self.triplet_margin >= 0:
             raise bad("triplet_margin", self.triplet_margin, "a number >= 0")
         if not 0.0 <= self.label_smoothing < 0.5:
@@ -341,8 +351,15 @@ class TIDPOConfig(TrainingArguments):
         if self.precompute_ref_logps and self.uses_sequential_kl:
             raise ValueError(
                 "TIDPOConfig: precompute_ref_logps=True cannot be combined with the sequential KL term "
-                f"(loss_type={self.loss_type!r}, tdpo_alpha={self.tdpo_alpha}): the KL needs the reference's "
+                f"(loss_type={self.loss_type!r}, KL weight {self.kl_alpha}): the KL needs the reference's "
                 "full distribution at every step. Set tdpo_alpha=0 or precompute_ref_logps=False."
+            )
+        if self.remove_unused_columns:
+            raise bad(
+                "remove_unused_columns",
+                True,
+                "False (the default): the trainer's collator reads the tokenised columns, which the model's "
+                "forward does not name; columns nothing reads are ignored anyway",
             )
         if self.precompute_ref_logps and self.loss_type == "simpo":
             raise ValueError(
@@ -350,10 +367,79 @@ class TIDPOConfig(TrainingArguments):
                 "(SimPO has no reference model). Set precompute_ref_logps=False."
             )
 
+    # Field kinds checked before any value is compared: a string "0.1" or "false" from a hand-written
+    # dict would otherwise fail in a comparison naming no option, or count as true.
+    _FLOATS = (
+        "beta", "label_smoothing", "tdpo_alpha", "gamma", "triplet_margin", "simpo_gamma",
+        "lambda_importance", "sigma_div", "anchor_temperature", "anchor_top_p",
+    )  # fmt: skip
+    _INTS = (
+        "anchor_max_new_tokens", "anchor_top_k", "anchor_sampling_rows", "max_length", "max_prompt_length",
+        "logits_chunk_size",
+    )  # fmt: skip
+    _BOOLS = (
+        "share_prompt", "anchor_static_cache", "anchor_prompt_cache", "drop_overlong", "drop_identical",
+        "precompute_ref_logps", "disable_dropout", "skip_nonfinite_batches",
+    )  # fmt: skip
+    _OPTIONAL = ("tdpo_alpha", "max_length", "max_prompt_length", "share_prompt", "anchor_static_cache",
+                 "anchor_prompt_cache")  # fmt: skip
+
+    def _check_types(self, bad: Callable[[str, object, str], ValueError]) -> None:
+        for name in self._FLOATS + self._INTS + self._BOOLS:
+            value = getattr(self, name)
+            if value is None and name in self._OPTIONAL:
+                continue
+            if name in self._BOOLS:
+                ok, expected = isinstance(value, bool), "True or False"
+            elif name in self._INTS:
+                ok, expected = isinstance(value, int) and not isinstance(value, bool), "an integer"
+            else:
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                expected = "a finite number"
+            if not ok:
+                expected += " or None" if name in self._OPTIONAL else ""
+                raise bad(name, value, expected)
+
+    def _unused_by_the_weights_or_anchors(self) -> list[str]:
+        """Importance and anchor options set away from their defaults where nothing reads them."""
+        defaults = {f.name: f.default for f in self.__dataclass_fields__.values()}
+        mode = self.effective_importance_mode
+        readers = {
+            "lambda_importance": ("mixes attribution and prior (importance_mode='hybrid')", mode == "hybrid"),
+            "sigma_div": ("sets the positional prior's width (importance_mode 'hybrid' or 'prior')",
+                          mode in ("hybrid", "prior")),
+            "attribution_pass": ("runs the gradient attribution (importance_mode 'hybrid', 'gradient' or "
+                                 "'softmax')", self.uses_attribution),
+        }  # fmt: skip
+        triplet = "samples the triplet term's anchors (loss_type='ti_dpo' with gamma > 0)"
+        for name in ("anchor_max_new_tokens", "anchor_temperature", "anchor_top_k", "anchor_top_p",
+                     "anchor_static_cache", "anchor_prompt_cache", "anchor_sampling_rows"):  # fmt: skip
+            readers[name] = (triplet, self.uses_triplet)
+        readers["triplet_margin"] = ("is the triplet term's margin (loss_type='ti_dpo' with gamma > 0)",
+                                     self.uses_triplet)  # fmt: skip
+        setting = (
+            f"loss_type={self.loss_type!r}, importance_mode={self.importance_mode!r}, gamma={self.gamma}"
+        )
+        return [
+            f"{name}={getattr(self, name)!r} is not used: it {what}, which {setting} does without."
+            for name, (what, read) in readers.items()
+            if not read and getattr(self, name) != defaults[name]
+        ]
+
     # Derived switches, so the trainer reads intent rather than re-deriving it from several fields.
     @property
+    def kl_alpha(self) -> float:
+        """The weight of the sequential KL term the loss uses: 1 for TDPO1, `tdpo_alpha` (None: 0.5) for
+        TI-DPO and TDPO2, 0 for losses without the term."""
+        if self.loss_type == "tdpo1":
+            return 1.0
+        if self.loss_type in ("ti_dpo", "tdpo2"):
+            return 0.5 if self.tdpo_alpha is None else float(self.tdpo_alpha)
+        return 0.0
+
+    @property
     def uses_sequential_kl(self) -> bool:
-        return self.loss_type in ("tdpo1", "tdpo2") or (self.loss_type == "ti_dpo" and self.tdpo_alpha > 0)
+        return self.loss_type in ("tdpo1", "tdpo2") or (self.loss_type == "ti_dpo" and self.kl_alpha > 0)
 
     @property
     def uses_triplet(self) -> bool:
@@ -371,3 +457,47 @@ class TIDPOConfig(TrainingArguments):
     @property
     def uses_attribution(self) -> bool:
         return self.effective_importance_mode in ("hybrid", "gradient", "softmax")
+
+
+# TRL DPOConfig options a TRL user may pass, which tidpo has under another name or not at all: named in
+# the error instead of Python's bare "unexpected keyword argument".
+TRL_OPTIONS = {
+    "precompute_ref_log_probs": "tidpo's name is precompute_ref_logps",
+    "max_completion_length": "max_length bounds prompt + response, max_prompt_length the prompt",
+    "truncation_mode": "prompts are truncated from the left (a leading BOS kept), responses from the right",
+    "ref_model_init_kwargs": "model_init_kwargs apply to the reference too",
+    "ref_adapter_name": "a PeftModel's adapter named 'ref' is the reference (README, 'Use it from Python')",
+    "model_adapter_name": "the PeftModel's active adapter is trained",
+    "sync_ref_model": "not supported: the reference stays frozen",
+    "loss_weights": "not supported: one loss_type per run",
+    "rpo_alpha": "not supported",
+    "padding_free": "not supported",
+    "use_logits_to_keep": "not needed: only response positions enter the log-prob kernels",
+    "dataset_num_proc": "not supported: tokenising runs in one process",
+    "generate_during_eval": "not supported: `tidpo eval` generates and scores",
+}
+
+
+def unknown_option(key: str, known: Iterable[str]) -> str:
+    """``'key'`` with what to use instead: TRL's name for a tidpo option, or the closest known option."""
+    close = difflib.get_close_matches(key, list(known), n=1)
+    why = TRL_OPTIONS.get(key) or (f"did you mean {close[0]!r}?" if close else "")
+    return f"{key!r}" + (f" ({why})" if why else "")
+
+
+def _refuse_unknown_options(init: Callable[..., None]) -> Callable[..., None]:
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs) -> None:
+        known = {f.name for f in dataclasses.fields(self) if f.init}
+        unknown = [unknown_option(k, known) for k in kwargs if k not in known]
+        if unknown:
+            raise TypeError(
+                f"{type(self).__name__}: unknown option(s) {', '.join(unknown)}. Options are the fields of "
+                "TIDPOConfig and transformers.TrainingArguments (help(tidpo.TIDPOConfig))."
+            )
+        init(self, *args, **kwargs)
+
+    return __init__
+
+
+TIDPOConfig.__init__ = _refuse_unknown_options(TIDPOConfig.__init__)

@@ -41,6 +41,8 @@ from tidpo.generation import anchor_cache, sample_completion_ids, stop_token_ids
 from tidpo.importance import accepts_logits_to_keep, attribution_from_targets, importance_weights
 from tidpo.losses import dpo_loss, ipo_loss, simpo_loss, triplet_terms, weighted_preference_loss
 from tidpo.models import (
+    adapter_active,
+    add_reference_adapter,
     base_model,
     cache_kwarg,
     check_same_vocabulary,
@@ -174,6 +176,14 @@ def _nonfinite_in_context(err: NonFiniteError, step: int, pair_ids: torch.Tensor
 _RATE_NAME = re.compile(r".*(dropout|pdrop)|layerdrop")
 
 
+_NO_COMPUTE_METRICS = (
+    "TIDPOTrainer: compute_metrics is not supported: evaluation returns no predictions to give it, and "
+    "computes its own metrics (eval_loss, eval_rewards/*, eval_logps/*, eval_kl/*: README, metric "
+    "glossary). For metrics of your own, add a TrainerCallback whose on_evaluate reads them, or score "
+    "generations with tidpo.evaluation."
+)
+
+
 def _float_rates(obj: object) -> list[str]:
     return [
         name for name, value in vars(obj).items() if isinstance(value, float) and _RATE_NAME.fullmatch(name)
@@ -252,6 +262,7 @@ class TIDPOTrainer(Trainer):
         model: str | PreTrainedModel,
         ref_model: PreTrainedModel | None = None,
         args: TIDPOConfig | None = None,
+        *,
         train_dataset: Dataset | str | None = None,
         eval_dataset: Dataset | str | dict[str, Dataset | str] | None = None,
         processing_class: PreTrainedTokenizerBase | None = None,
@@ -259,7 +270,10 @@ class TIDPOTrainer(Trainer):
         callbacks: list[TrainerCallback] | None = None,
         data_collator: Any | None = None,
         optimizers: tuple[Any, Any] = (None, None),
+        compute_metrics: Any = None,
     ):
+        if compute_metrics is not None:
+            raise ValueError(_NO_COMPUTE_METRICS)
         model_name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "model")
         if args is None:
             args = TIDPOConfig(output_dir=f"{str(model_name).rstrip('/').split('/')[-1]}-TIDPO")
@@ -272,6 +286,12 @@ class TIDPOTrainer(Trainer):
 
         if isinstance(model, str):
             model = load_causal_lm(model, **(args.model_init_kwargs or {}))
+        elif args.model_init_kwargs and not isinstance(ref_model, str):
+            warnings.warn(
+                "TIDPOTrainer: model_init_kwargs apply to models given by name, and model (and ref_model) "
+                "came already built: they are not used. Load the model with them yourself, or pass its name.",
+                stacklevel=2,
+            )
         if processing_class is None:
             try:
                 processing_class = load_tokenizer(model_name)
@@ -307,6 +327,11 @@ class TIDPOTrainer(Trainer):
                 )
             model = get_peft_model(model, peft_config)
         self.is_peft = _is_peft_model(model)
+        # A PeftModel passed in may carry a trained adapter (SFT): the reference is then a frozen copy of
+        # it (adapter "ref", as in TRL), not the base model under it. None: adapters disabled.
+        self._reference_adapter = None
+        if self.is_peft and peft_config is None and ref_model is None and args.uses_reference:
+            self._reference_adapter = add_reference_adapter(model)
         if not any(p.requires_grad for p in model.parameters()):
             if self.is_peft or getattr(model, "_hf_peft_config_loaded", False):
                 why = (
@@ -533,7 +558,12 @@ class TIDPOTrainer(Trainer):
             kwargs["logits_to_keep"] = 1
         if cache is not None:
             kwargs[cache_kwarg(self.accelerator.unwrap_model(ref))] = cache
-        adapters_off = ref.disable_adapter() if self.ref_model is None else contextlib.nullcontext()
+        if self.ref_model is not None:
+            adapters_off = contextlib.nullcontext()
+        elif self._reference_adapter is not None:
+            adapters_off = adapter_active(ref, self._reference_adapter)
+        else:
+            adapters_off = ref.disable_adapter()
         with torch.no_grad(), adapters_off:
             if prefix_only:
                 ref(**kwargs)
@@ -1285,14 +1315,14 @@ class TIDPOTrainer(Trainer):
         lt = args.loss_type
         if lt == "ti_dpo":
             losses = weighted_preference_loss(
-                c_lr, r_lr, c_w, r_w, args.beta, c_kl, r_kl, alpha=args.tdpo_alpha, tdpo2=True
+                c_lr, r_lr, c_w, r_w, args.beta, c_kl, r_kl, alpha=args.kl_alpha, tdpo2=True
             )
             chosen_rewards = args.beta * (c_w * c_lr).sum(1)
             rejected_rewards = args.beta * (r_w * r_lr).sum(1)
         elif lt in ("tdpo1", "tdpo2"):
             ones_c, ones_r = c_mask.to(c_lr.dtype), r_mask.to(r_lr.dtype)
             losses = weighted_preference_loss(
-                c_lr, r_lr, ones_c, ones_r, args.beta, c_kl, r_kl, alpha=args.tdpo_alpha, tdpo2=lt == "tdpo2"
+                c_lr, r_lr, ones_c, ones_r, args.beta, c_kl, r_kl, alpha=args.kl_alpha, tdpo2=lt == "tdpo2"
             )
             chosen_rewards, rejected_rewards = args.beta * c_lr.sum(1), args.beta * r_lr.sum(1)
         elif lt == "dpo":
@@ -1450,6 +1480,8 @@ class TIDPOTrainer(Trainer):
         return self._precompute_ref_logps(dataset) if self.args.precompute_ref_logps else dataset
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        if self.compute_metrics is not None:
+            raise ValueError(_NO_COMPUTE_METRICS)
         if not isinstance(eval_dataset, dict):
             eval_dataset = self._prepared_for_eval(eval_dataset)
         # `log` names the eval metrics with this prefix, as `Trainer` names eval_loss (e.g. a dict of eval
