@@ -269,7 +269,7 @@ def add_reference_adapter(model: torch.nn.Module) -> str | None:
     named = dict(model.named_parameters())
     marker = f".{active}."
     plain_lora = (
-        str(config.peft_type) in ("LORA", "PeftType.LORA")
+        config.peft_type == "LORA"
         and not getattr(config, "use_dora", False)
         and not getattr(config, "modules_to_save", None)
         and not getattr(config, "trainable_token_indices", None)
