@@ -33,7 +33,7 @@ class TIDPOConfig(TrainingArguments):
         loss_type (`str`, defaults to `"ti_dpo"`):
             `"ti_dpo"`: token-weighted DPO (Eq. 9-12) with the sequential KL term (`tdpo_alpha`) and the
             triplet term (`gamma`, Eq. 13-14). Baselines on the same pipeline: `"dpo"` (sigmoid DPO; cDPO
-            with `label_smoothing`), `"ipo"` (length-averaged log-ratios, squared hinge),
+            with `label_smoothing`), `"ipo"` (length-averaged log-ratios, squared loss),
             `"simpo"` (reference-free, length-normalised, target margin `simpo_gamma`), `"tdpo1"` and
             `"tdpo2"` (token-level DPO with the sequential KL, uniform weights; TDPO2 stops the gradient of
             the chosen KL).
