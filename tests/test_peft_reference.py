@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import AdaLoraConfig, IA3Config, LoHaConfig, LoraConfig, PeftModel, get_peft_model
 
 from tidpo import TIDPOTrainer
 from tidpo.models import REFERENCE_ADAPTER, adapter_active
@@ -111,3 +111,42 @@ def test_adapter_active_switches_the_forward_and_nothing_else(tmp_path, tiny_lla
     assert not torch.allclose(sft, base)
     torch.testing.assert_close(other, base)
     torch.testing.assert_close(again, sft, rtol=0, atol=0)
+
+
+VARIANTS = {
+    "lora_all_linear": lambda: LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"),
+    "dora": lambda: LoraConfig(**LORA, use_dora=True),
+    "lora_modules_to_save": lambda: LoraConfig(**LORA, modules_to_save=["lm_head"]),
+    "lora_on_embeddings": lambda: LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"]),
+    "trainable_tokens": lambda: LoraConfig(**LORA, trainable_token_indices=[5, 6, 7]),
+    "ia3": lambda: IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]),
+    "loha": lambda: LoHaConfig(r=4, target_modules=["q_proj", "v_proj"]),
+    "adalora": lambda: AdaLoraConfig(r=4, target_modules=["q_proj", "v_proj"], total_step=10),
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_every_adapter_type_is_copied_exactly(tmp_path, tiny_tok, tiny_llama, pairs_dataset, variant):
+    """Adapter types keep their weights under other names (parameter dicts, embeddings, token deltas):
+    the copy goes through PEFT's state dict, and before any update the policy is its reference."""
+    model = get_peft_model(copy.deepcopy(tiny_llama), VARIANTS[variant]())
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():  # a trained adapter: every adapter weight moved
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.3 * torch.randn(p.shape, generator=gen))
+    args = make_config(tmp_path, gamma=0.0)
+    trainer = TIDPOTrainer(
+        model, args=args, train_dataset=pairs_dataset, eval_dataset=pairs_dataset, processing_class=tiny_tok
+    )
+    assert trainer._reference_adapter == REFERENCE_ADAPTER
+    metrics = trainer.evaluate()
+    assert abs(metrics["eval_rewards/margins"]) < 1e-6 and abs(metrics["eval_kl/chosen"]) < 1e-6, metrics
+    assert metrics["eval_loss"] == pytest.approx(math.log(2), abs=1e-6)
+    trained = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert trained and not [n for n in trained if f".{REFERENCE_ADAPTER}" in n]
+    with adapter_active(trainer.model, REFERENCE_ADAPTER), torch.no_grad():
+        ids = torch.arange(1, 9)[None]
+        with_copy = trainer.model(input_ids=ids).logits
+    with torch.no_grad():
+        torch.testing.assert_close(with_copy, trainer.model(input_ids=ids).logits, rtol=0, atol=1e-6)

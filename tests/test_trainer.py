@@ -474,6 +474,21 @@ def test_unknown_options_are_refused_with_what_to_use(tmp_path, option, hint):
         TIDPOConfig(output_dir=str(tmp_path), **{option: 1})
 
 
+def test_numpy_scalars_and_0_1_flags_are_stored_as_python_values(tmp_path):
+    import numpy as np
+
+    config = TIDPOConfig(
+        output_dir=str(tmp_path), beta=np.float32(0.25), max_length=np.int64(64), max_prompt_length=32,
+        share_prompt=np.bool_(True), drop_identical=1,
+    )  # fmt: skip
+    values = (config.beta, config.max_length, config.share_prompt, config.drop_identical)
+    assert values == (0.25, 64, True, True)
+    assert [type(v) for v in values] == [float, int, bool, bool]
+    assert '"beta": 0.25' in config.to_json_string()  # numpy scalars would not serialise
+    with pytest.raises(ValueError, match="invalid drop_identical=2"):
+        TIDPOConfig(output_dir=str(tmp_path), drop_identical=2)
+
+
 def test_the_kl_weight_follows_the_loss_type_of_a_copied_config(tmp_path):
     """tdpo_alpha keeps what was given (None: the loss type's own weight), so a config copied with
     another loss_type gets that loss type's weight, not the first one's."""
@@ -734,8 +749,9 @@ def test_gamma_given_to_a_baseline_is_warned_about(tmp_path):
     ],
 )
 def test_options_a_loss_does_not_read_are_warned_about(tmp_path, options, message):
-    with pytest.warns(UserWarning, match=re.escape(message) + ".*(does not use it|does without)"):
+    with pytest.warns(UserWarning, match=re.escape(message) + ".*(does not use it|does without)") as caught:
         TIDPOConfig(output_dir=str(tmp_path), **options)
+    assert {w.filename for w in caught if "TIDPOConfig" in str(w.message)} == {__file__}  # the caller's line
     with warnings.catch_warnings(record=True) as caught:  # defaults, and a copy of a config: quiet
         warnings.simplefilter("always")
         dataclasses.replace(TIDPOConfig(output_dir=str(tmp_path), loss_type=options["loss_type"]))

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib.util
 import inspect
 import os
@@ -240,15 +241,18 @@ REFERENCE_ADAPTER = "ref"  # TRL's name for the same thing
 
 
 def add_reference_adapter(model: torch.nn.Module) -> str | None:
-    """Give a PeftModel whose active adapter already changes the model (a pretrained adapter, e.g. from
-    SFT) a frozen copy of that adapter, named ``"ref"``, and return the name; as TRL's DPOTrainer does,
-    so the reference is the model training starts from, not the base model under it.
+    """Give a PeftModel a frozen copy of its active adapter, named ``"ref"``, and return the name; as
+    TRL's DPOTrainer does, so the reference is the model training starts from (a pretrained adapter,
+    e.g. from SFT, included), not the base model under it.
 
     Returns ``"ref"`` without copying when the model already has an adapter of that name (the caller's
-    own reference adapter), and None when the base model is already that reference: a LoRA adapter
-    whose B matrices are all zero (as PEFT initialises them) adds nothing yet, so the reference runs
-    with adapters disabled, without the adapter's matmuls.
+    own reference adapter), and None when the base model is already that reference: a LoRA adapter in
+    which every layer has an all-zero factor (as PEFT initialises them) adds nothing yet, so the
+    reference runs with adapters disabled, without the adapter's matmuls. Other adapter types are
+    always copied (what "fresh" means differs per type; the copy is right either way).
     """
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
     active = model.active_adapter
     if REFERENCE_ADAPTER in model.peft_config:
         if active == REFERENCE_ADAPTER:
@@ -266,30 +270,44 @@ def add_reference_adapter(model: torch.nn.Module) -> str | None:
             stacklevel=3,
         )
         return None
-    named = dict(model.named_parameters())
-    marker = f".{active}."
-    plain_lora = (
-        config.peft_type == "LORA"
-        and not getattr(config, "use_dora", False)
-        and not getattr(config, "modules_to_save", None)
-        and not getattr(config, "trainable_token_indices", None)
-    )
-    b_matrices = [p for n, p in named.items() if marker in n and ("lora_B" in n or "lora_embedding_B" in n)]
-    if plain_lora and b_matrices and all(not p.detach().any() for p in b_matrices):
+    state = get_peft_model_state_dict(model, adapter_name=active, save_embedding_layers=False)
+    if config.peft_type == "LORA" and _lora_adds_nothing(state):
         return None
-    model.add_adapter(REFERENCE_ADAPTER, config)
-    twins = {n: p for n, p in model.named_parameters() if f".{REFERENCE_ADAPTER}." in n}
-    copied = 0
-    with torch.no_grad():
-        for name, param in named.items():
-            if marker in name:
-                twins[name.replace(marker, f".{REFERENCE_ADAPTER}.")].copy_(param)
-                copied += 1
-    for param in twins.values():
-        param.requires_grad_(False)
-    if not copied:
-        raise ValueError(f"Found no parameter of the PeftModel's active adapter {active!r} to copy.")
+    # Frozen (inference_mode: also what lets AdaLoRA hold a second adapter) and without dropout: the
+    # reference must not change, nor be random in train mode.
+    ref_config = copy.deepcopy(config)
+    ref_config.inference_mode = True
+    if hasattr(ref_config, "lora_dropout"):
+        ref_config.lora_dropout = 0.0
+    model.add_adapter(REFERENCE_ADAPTER, ref_config)
+    try:
+        set_peft_model_state_dict(model, state, adapter_name=REFERENCE_ADAPTER)
+        copied = get_peft_model_state_dict(model, adapter_name=REFERENCE_ADAPTER, save_embedding_layers=False)
+        if copied.keys() != state.keys() or not all(torch.equal(copied[k], state[k]) for k in state):
+            raise ValueError(
+                f"could not copy the PeftModel's adapter {active!r} ({config.peft_type}) as a frozen "
+                "reference adapter. Pass a ref_model (e.g. a merged copy of the model: "
+                "copy.deepcopy(model).merge_and_unload())."
+            )
+    except Exception:
+        model.delete_adapter(REFERENCE_ADAPTER)  # leave the caller's model as it came
+        raise
+    for name, param in model.named_parameters():
+        if name.endswith(f".{REFERENCE_ADAPTER}") or f".{REFERENCE_ADAPTER}." in name:
+            param.requires_grad_(False)
     return REFERENCE_ADAPTER
+
+
+def _lora_adds_nothing(state: dict[str, torch.Tensor]) -> bool:
+    """Whether a LoRA adapter's state dict is only A/B factors, with an all-zero factor in every layer
+    (B for linear layers, A for embeddings, as PEFT initialises them)."""
+    layers: dict[str, list[torch.Tensor]] = {}
+    for key, tensor in state.items():
+        prefix, found, part = key.partition(".lora_")
+        if not found or part.split(".")[0] not in ("A", "B", "embedding_A", "embedding_B"):
+            return False  # DoRA magnitudes, modules_to_save, trainable tokens: not only factors
+        layers.setdefault(prefix, []).append(tensor)
+    return bool(layers) and all(any(not t.any() for t in factors) for factors in layers.values())
 
 
 @contextlib.contextmanager

@@ -11,10 +11,12 @@ import dataclasses
 import difflib
 import functools
 import math
+import numbers
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+import numpy
 from transformers import TrainingArguments
 
 LOSS_TYPES = ("ti_dpo", "dpo", "ipo", "simpo", "tdpo1", "tdpo2")
@@ -308,8 +310,8 @@ class TIDPOConfig(TrainingArguments):
             unused.append(f"simpo_gamma={self.simpo_gamma} is the target margin of loss_type='simpo'")
         unused = [f"{what}; loss_type={self.loss_type!r} does not use it." for what in unused]
         for what in unused + self._unused_by_the_weights_or_anchors():
-            # stacklevel: the caller of TIDPOConfig(...) (past the generated __init__)
-            warnings.warn(f"TIDPOConfig: {what}", UserWarning, stacklevel=4)
+            # stacklevel: the caller of TIDPOConfig(...) (past the generated __init__ and its wrapper)
+            warnings.warn(f"TIDPOConfig: {what}", UserWarning, stacklevel=5)
         if self.tdpo_alpha is not None and not self.tdpo_alpha >= 0:
             raise bad("tdpo_alpha", self.tdpo_alpha, "a number >= 0 (0 disables the sequential KL)")
         if not self.simpo_gamma >= 0:
@@ -349,10 +351,15 @@ class TIDPOConfig(TrainingArguments):
         if self.logits_chunk_size < 1:
             raise bad("logits_chunk_size", self.logits_chunk_size, "an integer >= 1")
         if self.precompute_ref_logps and self.uses_sequential_kl:
+            fix = (
+                "Set tdpo_alpha=0 or precompute_ref_logps=False"
+                if self.loss_type == "ti_dpo"
+                else f"{self.loss_type} always has the KL: set precompute_ref_logps=False"
+            )
             raise ValueError(
                 "TIDPOConfig: precompute_ref_logps=True cannot be combined with the sequential KL term "
                 f"(loss_type={self.loss_type!r}, KL weight {self.kl_alpha}): the KL needs the reference's "
-                "full distribution at every step. Set tdpo_alpha=0 or precompute_ref_logps=False."
+                f"full distribution at every step. {fix}."
             )
         if self.remove_unused_columns:
             raise bad(
@@ -385,20 +392,25 @@ class TIDPOConfig(TrainingArguments):
                  "anchor_prompt_cache")  # fmt: skip
 
     def _check_types(self, bad: Callable[[str, object, str], ValueError]) -> None:
+        """Refuse values of the wrong kind; store numpy scalars (sweeps, pandas rows) and 0/1 flags as the
+        Python float / int / bool they stand for (they must serialise into the run's config JSON)."""
         for name in self._FLOATS + self._INTS + self._BOOLS:
             value = getattr(self, name)
             if value is None and name in self._OPTIONAL:
                 continue
+            is_bool = isinstance(value, (bool, numpy.bool_))
             if name in self._BOOLS:
-                ok, expected = isinstance(value, bool), "True or False"
+                ok = is_bool or (isinstance(value, numbers.Integral) and value in (0, 1))
+                kind, expected = bool, "True or False"
             elif name in self._INTS:
-                ok, expected = isinstance(value, int) and not isinstance(value, bool), "an integer"
+                ok, kind, expected = isinstance(value, numbers.Integral) and not is_bool, int, "an integer"
             else:
-                ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-                expected = "a finite number"
+                ok = isinstance(value, numbers.Real) and not is_bool and math.isfinite(value)
+                kind, expected = float, "a finite number"
             if not ok:
                 expected += " or None" if name in self._OPTIONAL else ""
                 raise bad(name, value, expected)
+            setattr(self, name, kind(value))
 
     def _unused_by_the_weights_or_anchors(self) -> list[str]:
         """Importance and anchor options set away from their defaults where nothing reads them."""

@@ -378,7 +378,9 @@ class TIDPOTrainer(Trainer):
             named.update({f"eval_dataset[{k!r}]": v for k, v in eval_dataset.items()})
         elif eval_dataset is not None:
             named["eval_dataset"] = eval_dataset
-        rows = model.get_input_embeddings().num_embeddings
+        # .weight, not .num_embeddings: a PEFT-wrapped embedding (LoRA on it, trainable tokens) has only
+        # the former (its base layer's).
+        rows = model.get_input_embeddings().weight.shape[0]
         for name, data in named.items():  # fail now, not with an IndexError in the first forward
             check_token_ids(data, rows, processing_class.pad_token_id, name)
         if args.effective_importance_mode == "dataset":
