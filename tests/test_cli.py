@@ -250,6 +250,7 @@ def test_yaml_value_of_the_wrong_type(model_dir, tmp_path, capsys):
             "'--precompute_ref_log_probs' (tidpo's name is precompute_ref",
         ),
         (["--betta", "0.2"], "'--betta' (did you mean '--beta'?)"),
+        (["--model_name_or_path", "m"], "'--model_name_or_path' (tidpo train names it model)"),  # trl dpo's
         pytest.param(
             ["--load_in_4bit", "true", "--use_peft", "true"],
             "--load_in_4bit (QLoRA) needs a CUDA GPU",

@@ -487,6 +487,13 @@ TRL_OPTIONS = {
     "use_logits_to_keep": "not needed: only response positions enter the log-prob kernels",
     "dataset_num_proc": "not supported: tokenising runs in one process",
     "generate_during_eval": "not supported: `tidpo eval` generates and scores",
+    # TRL's script arguments (`trl dpo`), which `tidpo train` names after what they are
+    "model_name_or_path": "tidpo train names it model",
+    "ref_model_name_or_path": "tidpo train names it ref_model",
+    "dataset_name": "tidpo train names it train_data (a file, a Hub id or quickstart)",
+    "dataset_train_split": "tidpo train names it train_split",
+    "dataset_test_split": "tidpo train names it eval_split (with eval_data)",
+    "lora_task_type": "tidpo always trains CAUSAL_LM adapters",
 }
 
 
