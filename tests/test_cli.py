@@ -955,3 +955,23 @@ def test_ctrl_c_is_one_line_and_exit_code_130(monkeypatch, capsys):
     assert (
         err.strip() == "tidpo: interrupted (tidpo train --resume continues from the last complete checkpoint)"
     )
+
+
+def test_eval_sampling_flags_reach_the_evaluation(model_dir, tmp_path, capsys, monkeypatch):
+    import importlib
+
+    evaluate_module = importlib.import_module("tidpo.evaluation.evaluate")  # the package exports a function
+    seen = {}
+    monkeypatch.setattr(evaluate_module, "run_eval", lambda **kwargs: seen.update(kwargs))
+    data = data_file(tmp_path, PAIRS)
+    argv = ["eval", "--model", str(model_dir), "--reference", str(model_dir), "--data", str(data)]
+    assert main([*argv, "--out", str(tmp_path / "e")]) == 0
+    assert (seen["temperature"], seen["top_k"], seen["top_p"]) == (0.8, 50, 0.95)  # spec §5 settings
+    # Plain sampling from the policy (an unbiased `kl`): 0 and 1 turn top-k / top-p off.
+    assert (
+        main([*argv, "--out", str(tmp_path / "e"), "--temperature", "1", "--top-k", "0", "--top-p", "1"]) == 0
+    )
+    assert (seen["temperature"], seen["top_k"], seen["top_p"]) == (1.0, None, None)
+    with pytest.raises(SystemExit):
+        main([*argv, "--out", str(tmp_path / "e"), "--top-p", "0"])
+    assert "--top-p in (0, 1]" in capsys.readouterr().err

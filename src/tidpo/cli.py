@@ -824,16 +824,30 @@ def _eval(argv: list[str]) -> int:
     parser.add_argument("--data", required=True, help="Held-out preference pairs (file or built-in name).")
     parser.add_argument("--judge", default=None, help="Judge name (see tidpo.judges) or module:function.")
     parser.add_argument("--out", required=True, help="Output folder (eval.json).")
-    parser.add_argument("--beta", type=float, default=0.1)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--num-prompts", type=int, default=None)
+    parser.add_argument("--beta", type=float, default=0.1, help="Beta of the implicit rewards (default 0.1).")
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=64, help="Longest generation, in tokens (default 64)."
+    )
+    parser.add_argument(
+        "--num-prompts", type=int, default=None, help="Generate for the first N prompts only (default all)."
+    )
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        default=0.8,
+        help="Sampling temperature of the generations (default 0.8).",
+    )
+    parser.add_argument("--top-k", type=int, default=50, help="Top-k of the sampling (default 50; 0: off).")
+    parser.add_argument(
+        "--top-p", type=float, default=0.95, help="Top-p of the sampling (default 0.95; 1: off)."
+    )
     parser.add_argument(
         "--batch-size",
         type=int,
         default=8,
         help="Pairs per forward / prompts per generation batch (the sampled generations depend on it).",
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="Sampling seed (default 0).")
     parser.add_argument(
         "--max-length",
         type=int,
@@ -844,6 +858,8 @@ def _eval(argv: list[str]) -> int:
         "--max-prompt-length", type=int, default=None, help="Prompt truncation (same default rule; else 256)."
     )
     a = parser.parse_args(argv)
+    if not a.temperature > 0 or a.top_k < 0 or not 0 < a.top_p <= 1:
+        parser.error("--temperature must be > 0, --top-k >= 0 and --top-p in (0, 1]")
     _check_model_path(a.model, "model")
     _check_model_path(a.reference, "reference")
     _check_writable(a.out, "out")
@@ -864,6 +880,9 @@ def _eval(argv: list[str]) -> int:
         out=a.out,
         beta=a.beta,
         max_new_tokens=a.max_new_tokens,
+        temperature=a.temperature,
+        top_k=a.top_k or None,
+        top_p=a.top_p if a.top_p < 1 else None,
         num_prompts=a.num_prompts,
         batch_size=a.batch_size,
         seed=a.seed,
