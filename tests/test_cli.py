@@ -920,6 +920,13 @@ def test_resuming_behind_the_runs_last_step_is_warned_about(tmp_path, capsys):
     (tmp_path / "trainer_state.json").write_text(json.dumps({"global_step": 2}))
     _warn_if_behind(str(tmp_path / "checkpoint-2"), str(tmp_path))
     assert capsys.readouterr().out == ""
+    # An explicit older checkpoint while later ones are still there: not "later ones were not kept".
+    for step in (3, 6):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+    (tmp_path / "trainer_state.json").write_text(json.dumps({"global_step": 6}))
+    _warn_if_behind(str(tmp_path / "checkpoint-2"), str(tmp_path))
+    out = capsys.readouterr().out
+    assert "holds later checkpoints (checkpoint-3, checkpoint-6)" in out and "not kept" not in out
 
 
 def test_the_final_eval_is_in_trainer_state_and_the_best_checkpoint_in_the_summary(

@@ -547,5 +547,5 @@ def run_eval(
     path = write_eval(results, out)
     if print_table:
         print(format_table(results))
-        print(f"\nwrote {path}")
+        print(f"\nwrote {path} and {path.parent / 'samples.jsonl'}")
     return results

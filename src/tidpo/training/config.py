@@ -273,7 +273,8 @@ class TIDPOConfig(TrainingArguments):
             return ValueError(f"TIDPOConfig: invalid {option}={value!r}: expected {expected}.")
 
         if self.loss_type not in LOSS_TYPES:
-            raise bad("loss_type", self.loss_type, f"one of {', '.join(LOSS_TYPES)}")
+            trl = " (TRL's 'sigmoid' is 'dpo' here)" if self.loss_type == "sigmoid" else ""
+            raise bad("loss_type", self.loss_type, f"one of {', '.join(LOSS_TYPES)}{trl}")
         self._check_types(bad)
         if self.importance_mode not in IMPORTANCE_MODES:
             raise bad("importance_mode", self.importance_mode, f"one of {', '.join(IMPORTANCE_MODES)}")

@@ -178,7 +178,7 @@ _RATE_NAME = re.compile(r".*(dropout|pdrop)|layerdrop")
 
 _NO_COMPUTE_METRICS = (
     "TIDPOTrainer: compute_metrics is not supported: evaluation returns no predictions to give it, and "
-    "computes its own metrics (eval_loss, eval_rewards/*, eval_logps/*, eval_kl/*: README, metric "
+    "computes its own metrics (eval_loss and the eval_ versions of the training metrics: README, metric "
     "glossary). For metrics of your own, add a TrainerCallback whose on_evaluate reads them, or score "
     "generations with tidpo.evaluation."
 )
