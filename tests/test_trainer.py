@@ -959,3 +959,30 @@ def test_trl_trainer_arguments_that_do_not_apply_are_refused_or_warned(
     kwargs_args = make_config(tmp_path, gamma=0.0, model_init_kwargs={"dtype": "bfloat16"})
     with pytest.warns(UserWarning, match="model_init_kwargs apply to models given by name"):
         TIDPOTrainer(tiny_llama, args=kwargs_args, train_dataset=pairs_dataset, processing_class=tiny_tok)
+
+
+def test_a_collator_of_another_layout_is_refused_at_construction(
+    tmp_path, tiny_tok, tiny_llama, pairs_dataset
+):
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    from tidpo.data import PreferenceCollator
+
+    args = make_config(tmp_path, gamma=0.0)
+    with pytest.raises(ValueError, match=r"data_collator failed on row 0 .*PreferenceCollator returns"):
+        TIDPOTrainer(
+            tiny_llama, args=args, train_dataset=pairs_dataset, processing_class=tiny_tok,
+            data_collator=DataCollatorForPreference(pad_token_id=tiny_tok.pad_token_id),
+        )  # fmt: skip
+    with pytest.raises(
+        ValueError, match="the data_collator's batch has no completion_mask, prompt_input_ids"
+    ):
+        TIDPOTrainer(
+            tiny_llama, args=args, train_dataset=pairs_dataset, processing_class=tiny_tok,
+            data_collator=lambda rows: {"input_ids": None, "attention_mask": None},
+        )  # fmt: skip
+    # tidpo's own collator, passed explicitly, is fine
+    TIDPOTrainer(
+        tiny_llama, args=args, train_dataset=pairs_dataset, processing_class=tiny_tok,
+        data_collator=PreferenceCollator(pad_token_id=tiny_tok.pad_token_id),
+    )  # fmt: skip

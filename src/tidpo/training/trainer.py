@@ -184,6 +184,25 @@ _NO_COMPUTE_METRICS = (
 )
 
 
+# What a batch must hold (PreferenceCollator's output): a custom collator is tried on one row at
+# construction, so one that returns another layout (TRL's) fails there, saying what is expected.
+_BATCH_KEYS = ("input_ids", "attention_mask", "completion_mask", "prompt_input_ids", "prompt_attention_mask")
+
+
+def _check_collator(collator: Any, dataset: Dataset) -> None:
+    expected = (
+        "a custom data_collator must return the batch tidpo.data.PreferenceCollator returns "
+        f"({', '.join(_BATCH_KEYS)}) from the tokenised rows (columns {', '.join(dataset.column_names)})"
+    )
+    try:
+        batch = collator([dataset[0]])
+    except Exception as err:
+        raise ValueError(f"TIDPOTrainer: the data_collator failed on row 0 ({err!r}): {expected}.") from err
+    missing = [k for k in _BATCH_KEYS if k not in batch]
+    if missing:
+        raise ValueError(f"TIDPOTrainer: the data_collator's batch has no {', '.join(missing)}: {expected}.")
+
+
 def _float_rates(obj: object) -> list[str]:
     return [
         name for name, value in vars(obj).items() if isinstance(value, float) and _RATE_NAME.fullmatch(name)
@@ -391,6 +410,8 @@ class TIDPOTrainer(Trainer):
                         "'chosen_weights'/'rejected_weights' columns (one float per response token)."
                     )
 
+        if data_collator is not None:
+            _check_collator(data_collator, train_dataset)
         super().__init__(
             model=model,
             args=args,
