@@ -28,6 +28,7 @@ from conftest import PAIRS
 from tidpo import TIDPOConfig, TIDPOTrainer
 from tidpo.models import tiny_causal_lm, tiny_tokenizer
 from tidpo.training.trainer import window_metrics
+from tiny_setup import perturb
 
 
 @dataclass
@@ -397,13 +398,6 @@ CASES = {
         {},
     ),
 }
-
-
-def perturb(model: torch.nn.Module, seed: int, scale: float) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=gen))
 
 
 def with_weights(dataset: Dataset, tok, args: TIDPOConfig) -> tuple[Dataset, dict]:

@@ -662,14 +662,13 @@ def _warn_if_behind(checkpoint: str, output_dir: str) -> None:
     load_best_model_at_end keeps the best one): resuming from it trains those steps again."""
     reached = _step_of(Path(output_dir) / "trainer_state.json")
     at = _step_of(Path(checkpoint) / "trainer_state.json")
-    later = sorted(
-        (p for p in Path(output_dir).glob("checkpoint-*") if p.name[11:].isdigit() and int(p.name[11:]) > at),
-        key=lambda p: int(p.name[11:]),
-    )
+    from tidpo.training.checkpointing import checkpoint_folders
+
+    later = [name for step, name in checkpoint_folders(output_dir) if step > at]
     if later:  # an explicit older --resume: the saves of this run go beside another history's
         print(
             f"tidpo: warning: resuming from {Path(checkpoint).name} (step {at}), but {output_dir} holds later "
-            f"checkpoints ({', '.join(p.name for p in later)}) of the run that went on from it: this run's "
+            f"checkpoints ({', '.join(later)}) of the run that went on from it: this run's "
             "checkpoints replace those of the same step, the others stay, and a later plain --resume takes "
             "the newest step whichever run wrote it. Move them away first to keep the two runs apart.",
             flush=True,

@@ -31,6 +31,7 @@ _CHECKPOINT = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 
 __all__ = [
     "STAGING_PREFIX",
+    "checkpoint_folders",
     "commit_checkpoint",
     "last_complete_checkpoint",
     "remove_stale_staging",
@@ -95,6 +96,19 @@ def remove_stale_staging(run_dir: str) -> list[str]:
     return removed
 
 
+def checkpoint_folders(run_dir: str) -> list[tuple[int, str]]:
+    """``(step, name)`` of every ``checkpoint-N`` folder of ``run_dir``, by step (complete or not;
+    ``tmp-checkpoint-*`` staging folders never count)."""
+    if not os.path.isdir(run_dir):
+        return []
+    steps = []
+    for name in os.listdir(run_dir):
+        match = _CHECKPOINT.match(name)
+        if match and os.path.isdir(os.path.join(run_dir, name)):
+            steps.append((int(match.group(1)), name))
+    return sorted(steps)
+
+
 def last_complete_checkpoint(run_dir: str) -> str | None:
     """The newest ``checkpoint-N`` folder of ``run_dir`` that is complete, or None.
 
@@ -102,14 +116,7 @@ def last_complete_checkpoint(run_dir: str) -> str | None:
     and in addition a folder without ``trainer_state.json`` — the file written last — is skipped with a
     warning: it is a checkpoint some other (non-atomic) writer left half-written.
     """
-    if not os.path.isdir(run_dir):
-        return None
-    steps = []
-    for name in os.listdir(run_dir):
-        match = _CHECKPOINT.match(name)
-        if match and os.path.isdir(os.path.join(run_dir, name)):
-            steps.append((int(match.group(1)), name))
-    for _step, name in sorted(steps, reverse=True):
+    for _step, name in reversed(checkpoint_folders(run_dir)):
         path = os.path.join(run_dir, name)
         if os.path.isfile(os.path.join(path, TRAINER_STATE_NAME)):
             return path
