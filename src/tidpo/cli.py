@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import difflib
 import hashlib
 import json
 import os
@@ -156,9 +155,9 @@ def load_yaml_config(path: str) -> dict[str, Any]:
     known = _known_keys()
     unknown = [k for k in data if k not in known]
     if unknown:
-        from tidpo.training.config import unknown_option
+        from tidpo.training.config import unknown_option_hint
 
-        hints = [unknown_option(key, known) for key in unknown]
+        hints = [f"{key!r}{unknown_option_hint(key, known)}" for key in unknown]
         raise CLIError(
             f"unknown option(s) in {path}: {', '.join(hints)}. Options are the fields of TIDPOConfig "
             "(see README, 'Config reference') and the script options of `tidpo train --help`."
@@ -243,17 +242,14 @@ def parse_train_args(argv: list[str]):
     )
     script, config = objects[0], objects[1]  # objects[2], when present, holds --config/--resume
     if extra:
-        from tidpo.training.config import TRL_OPTIONS
+        from tidpo.training.config import unknown_option_hint
 
-        known_flags = [f"--{key}" for key in _known_keys()]
+        known = _known_keys()
         hints = []
         for arg in extra:
             flag = arg.split("=")[0]
-            if flag.startswith("--") and flag[2:] in TRL_OPTIONS:
-                hints.append(f"{arg!r} ({TRL_OPTIONS[flag[2:]]})")
-                continue
-            close = difflib.get_close_matches(flag, known_flags, n=1) if flag.startswith("--") else []
-            hints.append(f"{arg!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            hint = unknown_option_hint(flag[2:], known, prefix="--") if flag.startswith("--") else ""
+            hints.append(f"{arg!r}{hint}")
         raise CLIError(f"tidpo train: unrecognised argument(s): {', '.join(hints)}")
     return script, config, known.resume
 

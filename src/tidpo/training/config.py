@@ -498,18 +498,20 @@ TRL_OPTIONS = {
 }
 
 
-def unknown_option(key: str, known: Iterable[str]) -> str:
-    """``'key'`` with what to use instead: TRL's name for a tidpo option, or the closest known option."""
-    close = difflib.get_close_matches(key, list(known), n=1)
+def unknown_option_hint(key: str, known: Iterable[str], prefix: str = "") -> str:
+    """What to use instead of the unknown option ``key``, as `` (...)`` (empty when nothing is close):
+    tidpo's name for a TRL option, or the closest known option; ``prefix`` (``--`` for command-line
+    flags) is matched and shown with the names."""
+    close = difflib.get_close_matches(prefix + key, [prefix + k for k in known], n=1)
     why = TRL_OPTIONS.get(key) or (f"did you mean {close[0]!r}?" if close else "")
-    return f"{key!r}" + (f" ({why})" if why else "")
+    return f" ({why})" if why else ""
 
 
 def _refuse_unknown_options(init: Callable[..., None]) -> Callable[..., None]:
     @functools.wraps(init)
     def __init__(self, *args, **kwargs) -> None:
         known = {f.name for f in dataclasses.fields(self) if f.init}
-        unknown = [unknown_option(k, known) for k in kwargs if k not in known]
+        unknown = [f"{k!r}{unknown_option_hint(k, known)}" for k in kwargs if k not in known]
         if unknown:
             raise TypeError(
                 f"{type(self).__name__}: unknown option(s) {', '.join(unknown)}. Options are the fields of "
