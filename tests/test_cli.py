@@ -291,6 +291,54 @@ def test_missing_and_broken_config_files(model_dir, tmp_path, capsys):
     expect_error([*base, "--config", str(listed)], capsys, "must hold a mapping")
 
 
+def test_auto_and_none_are_accepted_for_the_options_whose_default_is_none(tmp_path):
+    from tidpo.cli import parse_train_args
+
+    _s, config, _r = parse_train_args(
+        ["--share_prompt", "auto", "--anchor-prompt-cache=AUTO", "--max_length", "none", "--tdpo_alpha=null"]
+    )
+    assert (config.share_prompt, config.anchor_prompt_cache, config.max_length, config.tdpo_alpha) == (
+        None,
+        None,
+        None,
+        None,
+    )
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text("share_prompt: false\nanchor_static_cache: auto\nmax_prompt_length: null\n")
+    _s, config, _r = parse_train_args(["--config", str(yaml_file)])
+    assert (config.share_prompt, config.anchor_static_cache, config.max_prompt_length) == (False, None, None)
+    # A flag's auto overrides the YAML's value; other values still parse as before.
+    _s, config, _r = parse_train_args(["--config", str(yaml_file), "--share_prompt", "auto", "--beta", "0.2"])
+    assert (config.share_prompt, config.beta) == (None, 0.2)
+
+
+def test_a_run_without_length_limits_trains(model_dir, tmp_path, capsys):
+    data = data_file(tmp_path, PAIRS)
+    argv = argv_for(
+        model_dir, data, tmp_path, max_length="none", max_prompt_length="none", share_prompt="auto"
+    )
+    code, _out, err = cli(argv, capsys)
+    assert code == 0, err
+    state = json.loads((tmp_path / "out" / "trainer_state.json").read_text())
+    assert state["global_step"] == 1
+    assert "truncat" not in err
+
+
+@pytest.mark.parametrize(
+    ("flags", "fragment"),
+    [
+        (["--max_length", "auto"], "argument --max_length/--max-length: invalid int value: 'auto'"),
+        (["--beta", "none"], "argument --beta: invalid float value: 'none'"),
+        (["--share_prompt", "sometimes"], "Truthy value expected: got sometimes"),
+    ],
+)
+def test_auto_and_none_are_refused_where_none_is_not_a_value(model_dir, tmp_path, capsys, flags, fragment):
+    data = data_file(tmp_path, PAIRS)
+    code, _out, err = cli([*argv_for(model_dir, data, tmp_path), *flags], capsys)
+    assert code == 2
+    assert fragment in err
+
+
 def test_bad_flag_value_is_one_argparse_line(model_dir, tmp_path, capsys):
     data = data_file(tmp_path, PAIRS)
     code, _out, err = cli([*argv_for(model_dir, data, tmp_path), "--beta", "abc"], capsys)

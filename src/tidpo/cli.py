@@ -162,8 +162,44 @@ def load_yaml_config(path: str) -> dict[str, Any]:
             f"unknown option(s) in {path}: {', '.join(hints)}. Options are the fields of TIDPOConfig "
             "(see README, 'Config reference') and the script options of `tidpo train --help`."
         )
+    for key, value in data.items():
+        if _means_none(key, value):
+            data[key] = None
     _check_yaml_types(data, path)
     return data
+
+
+# Words that stand for None, the default of the optional options: "auto" for the three switches whose
+# None picks by device and setup, "none"/"null" for any of them (e.g. max_length: none = no limit).
+_AUTO_SWITCHES = ("share_prompt", "anchor_static_cache", "anchor_prompt_cache")
+
+
+def _means_none(name: str, value: object) -> bool:
+    from tidpo.training.config import TIDPOConfig
+
+    if name not in TIDPOConfig._OPTIONAL or not isinstance(value, str):
+        return False
+    words = ("none", "null", "auto") if name in _AUTO_SWITCHES else ("none", "null")
+    return value.strip().lower() in words
+
+
+def _take_none_flags(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Remove ``--option auto|none|null`` (and ``--option=...``) for the optional options, which argparse
+    would parse with the option's bool/int/float type; return the rest and the names set to None."""
+    rest, names, i = [], [], 0
+    while i < len(argv):
+        arg = argv[i]
+        flag, eq, value = arg.partition("=")
+        name = flag[2:].replace("-", "_") if flag.startswith("--") else ""
+        if eq and _means_none(name, value):
+            names.append(name)
+        elif not eq and i + 1 < len(argv) and _means_none(name, argv[i + 1]):
+            names.append(name)
+            i += 1
+        else:
+            rest.append(arg)
+        i += 1
+    return rest, names
 
 
 _SCALARS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
@@ -209,6 +245,7 @@ def parse_train_args(argv: list[str]):
     pre.add_argument("--config")
     pre.add_argument("--resume", nargs="?", const="latest", default=None)
     known, rest = pre.parse_known_args(argv)
+    rest, none_flags = _take_none_flags(rest)
     # A short usage line: argparse prints it before every flag error, and the full one lists ~150 options.
     parser = HfArgumentParser(
         (ScriptArguments, TIDPOConfig),
@@ -235,6 +272,7 @@ def parse_train_args(argv: list[str]):
         given.eval_strategy or "eval_strategy" in defaults
     ):
         defaults["eval_strategy"] = "steps"
+    defaults.update(dict.fromkeys(none_flags))  # a flag overrides the YAML, also with None
     parser.set_defaults(**defaults)
     # look_for_args_file=False: never read options from a stray `<argv[0]>.args` file.
     *objects, extra = parser.parse_args_into_dataclasses(

@@ -186,7 +186,7 @@ class TIDPOConfig(TrainingArguments):
     beta: float = field(default=0.1, metadata={"help": "Implicit-reward temperature beta (Eq. 12)."})
     label_smoothing: float = field(default=0.0, metadata={"help": "cDPO label smoothing ('dpo', 'simpo')."})
     tdpo_alpha: float | None = field(
-        default=None, metadata={"help": "Sequential KL weight alpha (spec §4); None: 0.5 (tdpo1: always 1)."}
+        default=None, metadata={"help": "Sequential KL weight alpha (spec §4); none: 0.5 (tdpo1: always 1)."}
     )
     gamma: float = field(default=0.1, metadata={"help": "Triplet loss weight gamma (Eq. 14)."})
     triplet_margin: float = field(default=0.1, metadata={"help": "Triplet hinge margin (Eq. 13)."})
@@ -200,7 +200,9 @@ class TIDPOConfig(TrainingArguments):
 
     share_prompt: bool | None = field(
         default=None,
-        metadata={"help": "Forward each pair's prompt once; chosen and rejected continue it (None = auto)."},
+        metadata={
+            "help": "Forward each pair's prompt once; chosen and rejected continue it (true, false or auto)."
+        },
     )
 
     anchor_max_new_tokens: int = field(default=64, metadata={"help": "Longest policy-sampled anchor."})
@@ -209,11 +211,13 @@ class TIDPOConfig(TrainingArguments):
     anchor_top_p: float = field(default=0.95, metadata={"help": "Anchor sampling top-p."})
     anchor_static_cache: bool | None = field(
         default=None,
-        metadata={"help": "Static KV cache + compiled decoding for anchors (None = auto: CUDA)."},
+        metadata={"help": "Static KV cache + compiled decoding for anchors (true, false or auto: CUDA)."},
     )
     anchor_prompt_cache: bool | None = field(
         default=None,
-        metadata={"help": "Anchors' forward reuses the prompt's keys/values of the pair rows (None = auto)."},
+        metadata={
+            "help": "Anchors' forward reuses the prompt's keys/values of the pair rows (true, false or auto)."
+        },
     )
     anchor_sampling_rows: int = field(
         default=64,
@@ -222,8 +226,12 @@ class TIDPOConfig(TrainingArguments):
         },
     )
 
-    max_length: int | None = field(default=256, metadata={"help": "Longest prompt + response (tokens)."})
-    max_prompt_length: int | None = field(default=128, metadata={"help": "Longest prompt (left-truncated)."})
+    max_length: int | None = field(
+        default=256, metadata={"help": "Longest prompt + response (tokens; none = no limit)."}
+    )
+    max_prompt_length: int | None = field(
+        default=128, metadata={"help": "Longest prompt (left-truncated; none = no limit)."}
+    )
     drop_overlong: bool = field(default=False, metadata={"help": "Drop rows left without response tokens."})
     drop_identical: bool = field(default=False, metadata={"help": "Drop rows with chosen == rejected."})
     precompute_ref_logps: bool = field(default=False, metadata={"help": "Cache reference log-probs."})
