@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Run THERE (the lent GPU machine), from the repo root, after benchmarks/gpu/prepare.sh here:
+#   run(command="bash benchmarks/gpu/round.sh", carry=[".whl", ".gpu"], timeout_s=600)
+# About 9 minutes on one H200. Each step has its own time limit so a hang costs only that step; logs
+# and JSON land in $OUT (8 files at most come back), to be copied to benchmarks/results/h200/<round>/.
+set -uo pipefail
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, transformers, trl, peft, datasets; print(torch.__version__, transformers.__version__, trl.__version__, peft.__version__, datasets.__version__)" || exit 1
+S=.gpu/smollm2-arch
+L=.gpu/llama1b-arch
+B="--model smollm2 --lora-r 0 --device cuda --bf16 --seq-len 256 --warmup 2"
+step() {  # step <seconds> <log name> <command...>
+    local limit=$1 log=$2
+    shift 2
+    echo "=== $* (limit ${limit}s)" | tee -a "$OUT/$log"
+    timeout "$limit" "$@" 2>&1 | tee -a "$OUT/$log"
+    echo "=== exit ${PIPESTATUS[0]}" | tee -a "$OUT/$log"
+}
+# 1. What one anchor decode loop costs at 64 and 16 rows on the 1B shapes (sampled vs argmax), profiled.
+step 100 decode_diag.log python3 benchmarks/anchor_decode_diag.py $L --bf16 --rows 64 --prompt-len 128 --reps 3 --skip-generate --greedy --profile
+step 50 decode_diag.log python3 benchmarks/anchor_decode_diag.py $L --bf16 --rows 16 --prompt-len 128 --reps 3 --skip-generate --greedy
+# 2. Target 2 at 64 pairs per optimizer step (1B shapes), then the table on SmolLM2 (full FT).
+step 140 l1b_accum4.log python3 benchmarks/speed.py $B --arch-dir $L --batch-size 16 --grad-accum 4 --steps 3 --no-memory --configs dpo,ti_full --json "$OUT/l1b_accum4.json"
+step 110 smol_b8.log python3 benchmarks/speed.py $B --arch-dir $S --batch-size 8 --steps 6 --configs dpo,trl_dpo,ti_separate,ti_fused,ti_fused_kl,ti_full --json "$OUT/smol_b8.json"
+step 90 l1b_b16.log python3 benchmarks/speed.py $B --arch-dir $L --batch-size 16 --steps 5 --configs dpo,ti_fused_kl,ti_full --json "$OUT/l1b_b16.json"
+# 3. The GPU-only tests.
+step 90 cuda_tests.log python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py
