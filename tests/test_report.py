@@ -204,9 +204,48 @@ def test_report_callback_labels_a_resumed_start_and_can_defer_the_report(tmp_pat
     assert list(callback.snapshots) == ["resumed at step 3"]
     assert not (tmp_path / "run" / "report.html").exists()
     callback.eval_results = {"eval_loss": 0.6931}
+    state.global_step = 5
+    state.log_history = [
+        {"loss": 0.7, "step": 2},
+        {"loss": 0.69, "step": 4},
+        {"train_loss": 0.685, "train_runtime": 1.5, "epoch": 1.0, "step": 5},
+    ]
     callback.finish(args, state, model)
     page = (tmp_path / "run" / "report.html").read_text(encoding="utf-8")
     assert "resumed at step 3" in page and "end of training" in page and "0.6931" in page
+    # transformers' train_loss / train_runtime cover the resumed call's steps only: the summary says so.
+    assert "train_loss (steps 4-5, since the resume)" in page
+    assert "train_runtime (steps 4-5, since the resume)" in page
+
+
+def test_an_eval_json_is_labelled_and_a_training_runs_report_leaves_it_out(tmp_path):
+    """`tidpo eval --out run` leaves eval.json in the run folder: write_report(run) shows it, saying where
+    it comes from; a training run's report (resumed there later, say) is not about that model."""
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from tidpo.models import tiny_causal_lm, tiny_tokenizer
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "trainer_state.json").write_text(json.dumps({"global_step": 6, "log_history": _log_history()}))
+    (run / "eval.json").write_text(json.dumps({"kl": 0.002353, "num_pairs": 2}))
+    page = write_report(run).read_text(encoding="utf-8")
+    assert "<h2>Evaluation</h2>" in page and "0.002353" in page
+    assert "From eval.json (written " in page and "by tidpo eval), not from the training run." in page
+
+    tok = tiny_tokenizer()
+    model = tiny_causal_lm(tokenizer=tok)
+    args = TrainingArguments(output_dir=str(run), report_to=[], use_cpu=True)
+    state = TrainerState(global_step=6, log_history=_log_history())
+    callback = ReportCallback([{"prompt": "The sky is", "chosen": " blue."}], tokenizer=tok)
+    callback.on_train_begin(args, state, TrainerControl(), model=model)
+    callback.on_train_end(args, state, TrainerControl(), model=model)
+    page = (run / "report.html").read_text(encoding="utf-8")
+    assert "<h2>Evaluation</h2>" not in page and "0.002353" not in page
+    callback.eval_results = {"rewards/accuracies": 0.625}  # the run's own eval is shown, unlabelled
+    callback.finish(args, state, model)
+    page = (run / "report.html").read_text(encoding="utf-8")
+    assert "<h2>Evaluation</h2>" in page and "0.625" in page and "From eval.json" not in page
 
 
 def test_named_eval_sets_join_their_train_panels(tmp_path):

@@ -680,7 +680,7 @@ def train(argv: list[str]) -> int:
     if report is not None:
         # The final eval's metrics as the report's table (not its timings).
         shown = {k: v for k, v in eval_metrics.items() if not k.endswith(("_runtime", "_per_second"))}
-        report.eval_results = shown or None
+        report.eval_results = shown  # {} (no eval data): no eval section, not a stale eval.json
         report.finish(trainer.args, trainer.state, trainer.model)
     if trainer.is_world_process_zero():
         _print_summary(trainer, config, result.metrics, eval_metrics)

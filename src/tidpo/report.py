@@ -19,6 +19,7 @@ import io
 import json
 import math
 import re
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -214,7 +215,9 @@ def _fmt(value: Any) -> str:
     return html.escape(str(value))
 
 
-def _summary(log_history: Sequence[Mapping[str, Any]], series: Mapping[str, Any]) -> str:
+def _summary(
+    log_history: Sequence[Mapping[str, Any]], series: Mapping[str, Any], resumed_at: int | None = None
+) -> str:
     if not log_history:
         return "<p class='muted'>No training log found.</p>"
     last_step = max(
@@ -223,7 +226,11 @@ def _summary(log_history: Sequence[Mapping[str, Any]], series: Mapping[str, Any]
     rows = [("logged entries", len(log_history)), ("last step", last_step)]
     final = next((e for e in reversed(log_history) if "train_runtime" in e), None)
     if final:
-        rows += [(k, final[k]) for k in ("train_loss", "train_runtime", "epoch") if k in final]
+        # transformers averages and times the steps of the last train() call only: after a resume, the
+        # steps since it, which the labels say (the loss curve spans the whole run).
+        since = f" (steps {resumed_at + 1}-{final.get('step', '?')}, since the resume)" if resumed_at else ""
+        rows += [(k + since, final[k]) for k in ("train_loss", "train_runtime") if k in final]
+        rows += [("epoch", final["epoch"])] if "epoch" in final else []
     for key in ("loss", "rewards/accuracies", "rewards/margins", "weights/max", "triplet/loss"):
         if key in series:
             first, last = series[key][1][0], series[key][1][-1]
@@ -294,6 +301,7 @@ def write_report(
     *,
     config: Mapping[str, Any] | None = None,
     title: str | None = None,
+    resumed_at: int | None = None,
 ) -> Path:
     """Write ``run_dir/report.html`` and return its path.
 
@@ -301,10 +309,14 @@ def write_report(
         run_dir: the run's output folder (created if missing).
         log_history: the trainer's ``state.log_history``; default: read from ``run_dir/trainer_state.json``
             or the latest ``checkpoint-*/trainer_state.json``.
-        eval_results: metrics from ``tidpo.evaluation.evaluate``; default: ``run_dir/eval.json`` if present.
+        eval_results: metrics from ``tidpo.evaluation.evaluate``; default: ``run_dir/eval.json`` if present
+            (``tidpo eval --out run_dir``; the report says which file and when it was written). ``{}``:
+            no evaluation section, whatever the folder holds.
         importance_snapshots: e.g. ``{"start of training": [...], "end of training": [...]}``, the
             explanations of the same pairs at different moments.
         config: the training arguments to show (``run_dir/tidpo_config.json`` etc. are shown too).
+        resumed_at: the step the last ``train()`` call resumed from, if any: its ``train_loss`` and
+            ``train_runtime`` cover only the steps after it, which the summary says.
 
     Raises:
         FileNotFoundError: when there is nothing to report (no log, no eval results, no snapshots).
@@ -312,8 +324,13 @@ def write_report(
     run_dir = Path(run_dir)
     if log_history is None:
         log_history = find_log_history(run_dir)
+    eval_source = ""
     if eval_results is None and (run_dir / "eval.json").exists():
-        eval_results = json.loads((run_dir / "eval.json").read_text(encoding="utf-8"))
+        eval_file = run_dir / "eval.json"
+        eval_results = json.loads(eval_file.read_text(encoding="utf-8"))
+        # Not necessarily this run's last model: a `tidpo eval --out` of whatever model was asked for.
+        written = time.strftime("%Y-%m-%d %H:%M", time.localtime(eval_file.stat().st_mtime))
+        eval_source = f"From {eval_file.name} (written {written} by tidpo eval), not from the training run."
     if log_history is None and not eval_results and not importance_snapshots:
         raise FileNotFoundError(
             f"Nothing to report in {run_dir}: no trainer_state.json (nor checkpoint-*/trainer_state.json), "
@@ -323,7 +340,7 @@ def write_report(
     series = _series(log_history)
 
     sections = [f"<p class='muted'>run: {html.escape(str(run_dir.resolve()))}</p>", "<h2>Summary</h2>"]
-    sections.append(_summary(log_history, series))
+    sections.append(_summary(log_history, series, resumed_at))
     drawn: set[str] = set()
     prefixes = _eval_prefixes(series)  # eval_, and eval_<name>_ per named eval set
     for panel_title, names in _PANELS:
@@ -347,6 +364,8 @@ def write_report(
         sections.append(_small_multiples(series, eval_names, "evaluation metrics: " + ", ".join(eval_names)))
     if eval_results:
         sections.append("<h2>Evaluation</h2>")
+        if eval_source:
+            sections.append(f"<p class='muted'>{html.escape(eval_source)}</p>")
         sections.append(_eval_table(eval_results))
     if importance_snapshots:
         sections.append("<h2>Token importance</h2>")
@@ -403,7 +422,8 @@ class ReportCallback(TrainerCallback):
         pairs: a few raw rows (``prompt`` + ``chosen``; implicit-prompt rows also work).
         tokenizer: the policy's tokenizer (default: the trainer's ``processing_class``).
         lambda_importance, sigma_div, span: as in training (see ``tidpo.evaluation.explain``).
-        eval_results: optional evaluation metrics to include.
+        eval_results: optional evaluation metrics to include (a training run's report never shows an
+            ``eval.json`` left in the output folder by an earlier ``tidpo eval``).
         write_on_train_end: ``False`` leaves the end snapshot and the report to a later :meth:`finish`
             call (``tidpo train`` makes it after saving the model and running the final evaluation, so
             a failing snapshot cannot cost the saved model, and the report holds the final eval).
@@ -430,6 +450,7 @@ class ReportCallback(TrainerCallback):
         self.eval_results = eval_results
         self.write_on_train_end = write_on_train_end
         self.snapshots: dict[str, list[TokenImportance]] = {}
+        self.start_step = 0
 
     def _snapshot(self, label: str, model: Any, tokenizer: Any) -> None:
         tokenizer = self.tokenizer or tokenizer
@@ -461,6 +482,7 @@ class ReportCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):  # type: ignore[override]
         """Snapshot the token weights under the initial policy (or the one a resumed run starts from)."""
+        self.start_step = state.global_step
         label = "start of training" if state.global_step == 0 else f"resumed at step {state.global_step}"
         self._snapshot(label, kwargs.get("model"), kwargs.get("processing_class"))
 
@@ -476,7 +498,8 @@ class ReportCallback(TrainerCallback):
             write_report(
                 args.output_dir,
                 log_history=list(state.log_history),
-                eval_results=self.eval_results,
+                eval_results=self.eval_results if self.eval_results is not None else {},
                 importance_snapshots=self.snapshots,
                 config=args.to_dict(),
+                resumed_at=self.start_step or None,
             )
