@@ -521,6 +521,30 @@ def test_merging_a_lora_folder_with_modules_saved_whole(model_dir, tmp_path):
     assert set(merged.state_dict()) == set(load_causal_lm(str(model_dir)).state_dict())
 
 
+def test_an_adapter_saved_without_a_tokenizer_uses_its_base_models(model_dir, tmp_path, capsys):
+    """PEFT's save_pretrained writes no tokenizer: `tidpo eval` of such a folder takes the base model's
+    (saying so); a model folder without tokenizer files and no adapter is one error naming it."""
+    from peft import LoraConfig, get_peft_model
+
+    from tidpo.models import load_causal_lm
+
+    peft_model = get_peft_model(load_causal_lm(str(model_dir)), LoraConfig(r=4, target_modules="all-linear"))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    assert not (tmp_path / "adapter" / "tokenizer_config.json").exists()
+    data = data_file(tmp_path, PAIRS[:2])
+    argv = ["eval", "--model", str(tmp_path / "adapter"), "--reference", str(model_dir), "--data", str(data)]
+    code, _out, err = cli([*argv, "--out", str(tmp_path / "ev"), "--max-new-tokens", "2"], capsys)
+    assert code == 0, err
+    assert "holds no tokenizer files: using its base model's, " + str(model_dir) in err
+    assert json.loads((tmp_path / "ev" / "eval.json").read_text())["num_pairs"] == 2
+    bare = tmp_path / "bare"
+    load_causal_lm(str(model_dir)).save_pretrained(bare)
+    argv[2] = str(bare)
+    expect_error(
+        [*argv, "--out", str(tmp_path / "ev2")], capsys, f"{bare} holds no tokenizer", "save_pretrained"
+    )
+
+
 def test_a_loaded_adapter_and_a_peft_config_are_refused(model_dir, tmp_path, capsys):
     from peft import LoraConfig
 

@@ -133,12 +133,24 @@ def test_peft_policy_uses_adapters_disabled_as_reference(models):
         evaluate(tiny_causal_lm(tokenizer=tok), None, tok, ROWS, max_new_tokens=4)
 
 
+def test_one_pair_evaluates_without_self_bleu(models):
+    policy, reference, tok = models
+    whole = evaluate(policy, reference, tok, ROWS, max_new_tokens=4)
+    one = evaluate(policy, reference, tok, ROWS[:1], max_new_tokens=4)
+    assert "diversity/self_bleu" in whole and "diversity/self_bleu" not in one
+    assert one["num_pairs"] == one["num_prompts"] == 1.0
+    assert all(math.isfinite(v) for v in one.values())
+    # The pair's own numbers are those it has among the others (the rewards do not depend on the batch).
+    alone = evaluate(policy, reference, tok, ROWS, max_new_tokens=4, num_pairs=1)
+    assert one["rewards/chosen"] == pytest.approx(alone["rewards/chosen"], abs=1e-6)
+
+
 def test_evaluate_errors(models):
     policy, reference, tok = models
     with pytest.raises(KeyError, match="Unknown judge 'nope'"):
         evaluate(policy, reference, tok, ROWS, judge="nope")
-    with pytest.raises(ValueError, match="at least 2 prompts"):
-        evaluate(policy, reference, tok, ROWS, num_prompts=1)
+    with pytest.raises(ValueError, match="num_prompts must be >= 1"):
+        evaluate(policy, reference, tok, ROWS, num_prompts=0)
     with pytest.raises(ValueError, match="batch_size"):
         evaluate(policy, reference, tok, ROWS, batch_size=0)
     with pytest.raises(ValueError, match=r"temperature must be > 0 \(the generations are sampled\), got 0"):
@@ -232,7 +244,7 @@ def test_run_eval_truncates_as_the_training_run_and_checks_cheap_inputs_first(tm
         tiny_causal_lm(tokenizer=tok).save_pretrained(tmp_path / name)
         tok.save_pretrained(tmp_path / name)
     (tmp_path / "policy" / "run_config.json").write_text(
-        json.dumps({"training": {"max_length": 40, "max_prompt_length": 3}})
+        json.dumps({"training": {"max_length": 40, "max_prompt_length": 3, "beta": 0.25}})
     )
     data = tmp_path / "held_out.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
@@ -247,9 +259,12 @@ def test_run_eval_truncates_as_the_training_run_and_checks_cheap_inputs_first(tm
     monkeypatch.setattr(module, "evaluate", spy)
     folders = (str(tmp_path / "policy"), str(tmp_path / "ref"), str(data), None, str(tmp_path / "o"))
     run_eval(*folders, max_new_tokens=2)
-    assert (seen["max_length"], seen["max_prompt_length"]) == (40, 3)
-    run_eval(*folders, max_new_tokens=2, max_length=64, max_prompt_length=None)
+    assert (seen["max_length"], seen["max_prompt_length"], seen["beta"]) == (40, 3, 0.25)
+    run_eval(*folders, max_new_tokens=2, max_length=64, max_prompt_length=None, beta=None)
     assert (seen["max_length"], seen["max_prompt_length"]) == (64, 3)  # given wins; None: the run's
+    assert seen["beta"] == 0.25  # the rewards are on the training's scale
+    run_eval(*folders, max_new_tokens=2, beta=0.5)
+    assert seen["beta"] == 0.5
     # A checkpoint folder of that run: its run's lengths. A folder without any: the defaults, said so.
     checkpoint = tmp_path / "policy" / "checkpoint-2"
     tiny_causal_lm(tokenizer=tok).save_pretrained(checkpoint)
@@ -260,6 +275,7 @@ def test_run_eval_truncates_as_the_training_run_and_checks_cheap_inputs_first(tm
     seen.clear()
     run_eval(str(tmp_path / "ref"), *folders[1:], max_new_tokens=2, max_prompt_length=5)
     assert "max_length" not in seen and seen["max_prompt_length"] == 5  # evaluate's default length
+    assert "beta" not in seen  # evaluate's default beta, 0.1
     assert "truncated at --max-length 512 (the defaults)" in capsys.readouterr().out
 
     # A bad judge or data file fails before any model is loaded.

@@ -73,3 +73,5 @@ def test_diversity_keys_and_values():
     # 4-grams: abcd bcde | abcd bcdf -> 3 of 4
     assert d["diversity/distinct_4"] == pytest.approx(3 / 4)
     assert all(math.isfinite(v) for v in d.values())
+    # One text: nothing to compare it with, so no Self-BLEU; the distinct-n ratios stand.
+    assert diversity(["a b c d e"]) == {"diversity/distinct_2": 1.0, "diversity/distinct_4": 1.0}

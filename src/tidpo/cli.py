@@ -869,7 +869,12 @@ def _eval(argv: list[str]) -> int:
     parser.add_argument("--data", required=True, help="Held-out preference pairs (file or built-in name).")
     parser.add_argument("--judge", default=None, help="Judge name (see tidpo.judges) or module:function.")
     parser.add_argument("--out", required=True, help="Output folder (eval.json).")
-    parser.add_argument("--beta", type=float, default=0.1, help="Beta of the implicit rewards (default 0.1).")
+    parser.add_argument(
+        "--beta",
+        type=float,
+        default=None,
+        help="Beta of the implicit rewards (default: the training run's, from --model's run_config.json; else 0.1).",
+    )
     parser.add_argument(
         "--max-new-tokens", type=int, default=64, help="Longest generation, in tokens (default 64)."
     )

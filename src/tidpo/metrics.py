@@ -75,9 +75,11 @@ def self_bleu(texts: Sequence[str]) -> float:
 
 
 def diversity(texts: Sequence[str]) -> dict[str, float]:
-    """``diversity/self_bleu`` (%), ``diversity/distinct_2`` and ``diversity/distinct_4`` of texts."""
+    """``diversity/self_bleu`` (%), ``diversity/distinct_2`` and ``diversity/distinct_4`` of texts;
+    Self-BLEU compares the texts with each other, so a single text has none (the key is left out)."""
+    results = {"diversity/self_bleu": self_bleu(texts)} if len(texts) >= 2 else {}
     return {
-        "diversity/self_bleu": self_bleu(texts),
+        **results,
         "diversity/distinct_2": distinct_n(texts, 2),
         "diversity/distinct_4": distinct_n(texts, 4),
     }

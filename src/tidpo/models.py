@@ -14,8 +14,10 @@ import contextlib
 import copy
 import importlib.util
 import inspect
+import json
 import os
 import shutil
+import sys
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -129,9 +131,32 @@ def resolve_model(name_or_path: str) -> str:
     return str(target)
 
 
+# Any one of these makes a folder a tokenizer's (fast, sentencepiece, or the older vocabulary files).
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+
+
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
-    """Load a tokenizer and make sure it can pad (pad = eos when the tokenizer has no pad token)."""
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(name_or_path))
+    """Load a tokenizer and make sure it can pad (pad = eos when the tokenizer has no pad token).
+
+    A LoRA adapter folder saved without its tokenizer (PEFT's ``save_pretrained`` writes none) uses its
+    base model's (``adapter_config.json``'s ``base_model_name_or_path``), said on stderr.
+    """
+    path = resolve_model(name_or_path)
+    folder = Path(path)
+    if folder.is_dir() and not any((folder / name).is_file() for name in _TOKENIZER_FILES):
+        adapter = folder / "adapter_config.json"
+        base = json.loads(adapter.read_text()).get("base_model_name_or_path") if adapter.is_file() else None
+        if not base:
+            raise FileNotFoundError(
+                f"{folder} holds no tokenizer (none of {', '.join(_TOKENIZER_FILES)}): save it there with "
+                "tokenizer.save_pretrained(folder), or copy the tokenizer files of the model it was trained from."
+            )
+        print(
+            f"tidpo: {folder} (a LoRA adapter) holds no tokenizer files: using its base model's, {base}",
+            file=sys.stderr,
+        )
+        path = resolve_model(base)
+    tokenizer = AutoTokenizer.from_pretrained(path)
     ensure_pad_token(tokenizer)
     return tokenizer
 

@@ -256,8 +256,8 @@ def evaluate(
             one the ``judge/*`` metrics are left out.
         beta: the DPO beta of the implicit reward.
         num_pairs: use only the first ``num_pairs`` pairs (default: all).
-        num_prompts: generate for only the first ``num_prompts`` of those pairs' prompts (default: all);
-            at least 2 (Self-BLEU compares generations with each other).
+        num_prompts: generate for only the first ``num_prompts`` of those pairs' prompts (default: all).
+            With one prompt there is no ``diversity/self_bleu`` (it compares generations with each other).
         batch_size: pairs per forward pass / prompts per ``generate`` call.
         seed: sampling seed, the same for the policy and the reference. The generations (so the
             ``judge/*``, ``diversity/*`` and ``kl`` metrics) depend on it and on ``batch_size`` (the
@@ -300,10 +300,10 @@ def evaluate(
             raise ValueError(f"evaluate: num_pairs must be >= 1, got {num_pairs}")
         dataset = dataset.select(range(min(num_pairs, len(dataset))))
     n_gen = len(dataset) if num_prompts is None else min(num_prompts, len(dataset))
-    if n_gen < 2:
+    if n_gen < 1:
         raise ValueError(
-            f"evaluate: need at least 2 prompts to generate for (Self-BLEU compares generations), got {n_gen} "
-            f"(pairs: {len(dataset)}, num_prompts: {num_prompts})"
+            f"evaluate: num_prompts must be >= 1 (prompts to generate for), got {num_prompts} "
+            f"(pairs: {len(dataset)})"
         )
     collate = PreferenceCollator(pad_token_id=tokenizer.pad_token_id)
     device = model_device(policy)
@@ -481,17 +481,17 @@ def write_eval(results: Mapping[str, Any], out_dir: str | Path) -> Path:
     return path
 
 
-def _training_lengths(model: str) -> dict[str, int | None]:
-    """``max_length`` / ``max_prompt_length`` of the ``tidpo train`` run that wrote ``model`` (its
-    ``run_config.json``; for a ``checkpoint-N`` folder, its run's), so ``tidpo eval`` truncates the pairs
-    as that training did; {} otherwise."""
+def _training_settings(model: str) -> dict[str, Any]:
+    """``max_length`` / ``max_prompt_length`` / ``beta`` of the ``tidpo train`` run that wrote ``model``
+    (its ``run_config.json``; for a ``checkpoint-N`` folder, its run's), so ``tidpo eval`` truncates the
+    pairs as that training did and its rewards are on the training's scale; {} otherwise."""
     path = Path(model) / "run_config.json"
     if not path.is_file() and re.fullmatch(r"checkpoint-\d+", Path(model).name):
         path = Path(model).parent / "run_config.json"  # written when the run ends
     if not path.is_file():
         return {}
     training = json.loads(path.read_text(encoding="utf-8")).get("training", {})
-    return {k: training[k] for k in ("max_length", "max_prompt_length") if k in training}
+    return {k: training[k] for k in ("max_length", "max_prompt_length", "beta") if k in training}
 
 
 def run_eval(
@@ -508,13 +508,17 @@ def run_eval(
     """What ``tidpo eval`` does: load both models (by path or built-in name) and the policy's
     tokenizer, ``evaluate`` on ``data``, print the table, write ``out/eval.json`` and
     ``out/samples.jsonl``. ``options`` go to :func:`evaluate` (``beta``, ``max_new_tokens``, ...);
-    ``max_length`` / ``max_prompt_length`` not given (or None) are those of the training run that wrote
-    ``model`` (its ``run_config.json``), else :func:`evaluate`'s defaults."""
+    ``max_length`` / ``max_prompt_length`` / ``beta`` not given (or None) are those of the training run
+    that wrote ``model`` (its ``run_config.json``), else :func:`evaluate`'s defaults."""
     from tidpo.data import prepare_preference_dataset
     from tidpo.judges import get_judge
     from tidpo.models import check_same_vocabulary, load_causal_lm, load_tokenizer
 
-    trained = _training_lengths(model)
+    trained = _training_settings(model)
+    if options.get("beta") is None:
+        options.pop("beta", None)
+        if "beta" in trained:
+            options["beta"] = trained["beta"]
     defaulted = []
     for key in ("max_length", "max_prompt_length"):
         if options.get(key) is None:  # not given: the training run's, else evaluate's default
