@@ -218,7 +218,10 @@ def test_continuing_captured_prompts_equals_the_full_rows(arch, mode):
     keep = valid.bool()
     torch.testing.assert_close(fast[keep], slow[keep], rtol=1e-5, atol=1e-5)
     for name, p in model.named_parameters():
-        torch.testing.assert_close(fast_grads[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+        # float32 sums in another order (the kernels' blocking differs by CPU and thread count): the
+        # error scales with the gradient's size, ~1e-7 of its largest entry (measured up to 1.2e-7).
+        scale = max(1.0, float(p.grad.abs().max()))
+        torch.testing.assert_close(fast_grads[name], p.grad, rtol=1e-4, atol=1e-6 * scale, msg=name)
 
 
 def test_unsupported_models_say_why():
