@@ -788,7 +788,7 @@ def test_random_weights_follow_the_data_rows(tmp_path, tiny_tok, tiny_llama, pai
     assert not torch.allclose(d, a)
 
 
-def test_torch_compile_trains_ti_dpo_as_uncompiled(tmp_path, tiny_tok, pairs_dataset):
+def test_torch_compile_trains_ti_dpo_as_uncompiled(tmp_path, tiny_tok, pairs_dataset, caplog):
     # TrainingArguments' torch_compile: the fused attribution cannot take its gradient through a compiled
     # forward (one autograd node), so it falls back to the separate pass; same losses as without compile.
     # aot_eager: AOTAutograd's graph like inductor's, without the code generation.
@@ -802,10 +802,38 @@ def test_torch_compile_trains_ti_dpo_as_uncompiled(tmp_path, tiny_tok, pairs_dat
         )
         model = tiny_causal_lm(tokenizer=tiny_tok)
         trainer = TIDPOTrainer(model, args=args, train_dataset=pairs_dataset, processing_class=tiny_tok)
-        trainer.train()
+        with caplog.at_level("WARNING", logger="tidpo.training.trainer"):
+            trainer.train()
+        assert ("the model is compiled (torch_compile)" in caplog.text) is compiled
         losses[compiled] = [log["loss"] for log in trainer.state.log_history if "loss" in log]
     assert len(losses[True]) == 2
     assert losses[True] == pytest.approx(losses[False], rel=1e-5)
+
+
+def test_lora_dropout_that_disable_dropout_zeroes_is_warned_about(tmp_path, tiny_tok, pairs_dataset, caplog):
+    from peft import LoraConfig
+
+    def trainer(lora_dropout, **options):
+        lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=lora_dropout)
+        model = tiny_causal_lm(tokenizer=tiny_tok)
+        args = make_config(tmp_path, gamma=0.0, max_steps=1, **options)
+        return TIDPOTrainer(
+            model, args=args, train_dataset=pairs_dataset, processing_class=tiny_tok, peft_config=lora
+        )
+
+    with pytest.warns(UserWarning, match=r"lora_dropout=0.05 has no effect: disable_dropout=True") as caught:
+        zeroed = trainer(0.05)
+    assert [w.filename for w in caught if "lora_dropout" in str(w.message)] == [__file__]  # the caller's line
+    assert all(m.p == 0 for m in zeroed.model.modules() if isinstance(m, torch.nn.Dropout))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        trainer(0.0)
+        kept = trainer(0.05, disable_dropout=False)
+    assert any(m.p == 0.05 for m in kept.model.modules() if isinstance(m, torch.nn.Dropout))
+    # Kept, the dropout makes the fused attribution run as its own pass: a visible warning, once.
+    with caplog.at_level("WARNING", logger="tidpo.training.trainer"):
+        kept.train()
+    assert caplog.text.count("the model has active dropout (disable_dropout=False)") == 1
 
 
 def test_a_reference_with_another_vocabulary_is_refused(tmp_path, tiny_tok, tiny_llama, pairs_dataset):

@@ -80,8 +80,8 @@ class TIDPOConfig(TrainingArguments):
             `"fused"` takes the attribution gradient (Eq. 5-6) from the policy forward the loss already runs
             (one extra backward to the input embeddings, no extra forward); `"separate"` runs its own
             forward in eval mode first. They give the same weights when the model has no active dropout.
-            `"fused"` falls back to the separate pass (logged once) where it cannot apply: active dropout,
-            DeepSpeed / FSDP (docs/scaling.md) and a compiled model (`torch_compile`).
+            `"fused"` falls back to the separate pass where it cannot apply: active dropout and a compiled
+            model (`torch_compile`), each warned about once, and DeepSpeed / FSDP (docs/scaling.md).
 
         share_prompt (`bool` or `None`, defaults to `None`):
             Forward each pair's prompt once for both of its rows: the prompt without its last token runs as

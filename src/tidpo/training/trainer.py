@@ -209,6 +209,19 @@ def _float_rates(obj: object) -> list[str]:
     ]
 
 
+def _warn_unused_lora_dropout(model: nn.Module) -> None:
+    """A PEFT config's dropout that disable_dropout is about to zero (TRL zeroes it silently)."""
+    configs = getattr(model, "peft_config", None) or {}
+    rates = sorted({c.lora_dropout for c in configs.values() if getattr(c, "lora_dropout", 0) > 0})
+    if rates:
+        warnings.warn(
+            f"lora_dropout={rates[-1]} has no effect: disable_dropout=True (the default, as in TRL) sets every "
+            "dropout to 0. Set lora_dropout=0 to silence this, or disable_dropout=False to keep it (the "
+            "attribution then runs as its own eval-mode pass: one more forward per step).",
+            stacklevel=3,
+        )
+
+
 def _disable_dropout(model: nn.Module) -> None:
     # nn.Dropout modules and the rates modules keep as floats; configs keep their values (they are
     # saved with the model), but for attention_dropout, which some attention code reads from there.
@@ -344,7 +357,11 @@ class TIDPOTrainer(Trainer):
                     "load_causal_lm(path, merge_adapter=True)); to train them further, load them with "
                     "PeftModel.from_pretrained(base_model, path, is_trainable=True) and pass no peft_config."
                 )
-            model = get_peft_model(model, peft_config)
+            with warnings.catch_warnings():
+                # peft 0.21 asks transformers 5's deprecated alias: a FutureWarning in every LoRA run that
+                # is neither the user's to fix nor ours.
+                warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+                model = get_peft_model(model, peft_config)
         self.is_peft = _is_peft_model(model)
         # A PeftModel passed in may carry a trained adapter (SFT): the reference is then a frozen copy of
         # it (adapter "ref", as in TRL), not the base model under it. None: adapters disabled.
@@ -380,6 +397,7 @@ class TIDPOTrainer(Trainer):
             ref_model.eval()
             ref_model.requires_grad_(False)
         if args.disable_dropout:
+            _warn_unused_lora_dropout(model)
             _disable_dropout(model)
             if ref_model is not None:
                 _disable_dropout(ref_model)
@@ -907,10 +925,12 @@ class TIDPOTrainer(Trainer):
             self._log_fallback(f"anchors forward full prompt + anchor rows (no prompt cache): {reason}.")
         return "split" if fused else "joint"
 
-    def _log_fallback(self, message: str) -> None:
-        if message not in self._fallbacks_logged:  # once per reason, not every step
+    def _log_fallback(self, message: str, warn: bool = False) -> None:
+        """Say once per reason (not every step) which path a step takes; ``warn``: shown at the default
+        log level, for a fallback that costs a whole pass the configuration asked to save."""
+        if message not in self._fallbacks_logged:
             self._fallbacks_logged.add(message)
-            logger.info(f"tidpo: {message}")
+            (logger.warning if warn else logger.info)(f"tidpo: {message}")
 
     def _shared_prompt(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> SharedPrompt | None:
         """The pair rows cut into a shared prompt prefix and continuations (`share_prompt`), or None."""
@@ -1104,7 +1124,8 @@ class TIDPOTrainer(Trainer):
             # Spec section 2: the attribution pass runs without dropout, which the training forward has.
             self._log_fallback(
                 "the model has active dropout (disable_dropout=False): the attribution runs as its own "
-                "eval-mode pass instead of from the training forward."
+                "eval-mode pass instead of from the training forward (one more forward per step).",
+                warn=True,
             )
             fused = False
         if fused and _compiled(model):
@@ -1112,7 +1133,8 @@ class TIDPOTrainer(Trainer):
             # and inductor's backward refuses the retain_graph the fused pass needs.
             self._log_fallback(
                 "the model is compiled (torch_compile): the attribution runs as its own pass on the "
-                "uncompiled model instead of from the training forward."
+                "uncompiled model instead of from the training forward (one more forward per step).",
+                warn=True,
             )
             fused = False
         scores = None
