@@ -545,6 +545,37 @@ def test_an_adapter_saved_without_a_tokenizer_uses_its_base_models(model_dir, tm
     )
 
 
+def test_hub_eval_data_defaults_to_its_test_split(model_dir, tmp_path, capsys, monkeypatch):
+    """As TRL's scripts: --eval_data of a Hub dataset takes its 'test' split unless --eval_split says;
+    training keeps 'train'. (load_dataset stands in for the Hub, which this machine cannot reach.)"""
+    import datasets
+
+    import tidpo.data.loading as loading
+
+    hub = datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list(PAIRS), "test": datasets.Dataset.from_list(PAIRS[:2])}
+    )
+    monkeypatch.setattr(datasets, "load_dataset", lambda hub_id: hub)
+    taken = []
+    real_pick = loading._pick_split
+    monkeypatch.setattr(
+        loading, "_pick_split", lambda d, split, source: taken.append(split) or real_pick(d, split, source)
+    )
+    argv = train_argv(model_dir, "owner/prefs", tmp_path / "out", max_steps=1, eval_data="owner/prefs")
+    assert cli(argv, capsys)[0] == 0
+    assert taken == ["train", "test"]
+    taken.clear()
+    argv = [*train_argv(model_dir, "owner/prefs", tmp_path / "out2", max_steps=1, eval_data="owner/prefs")]
+    assert cli([*argv, "--eval_split", "train"], capsys)[0] == 0
+    assert taken == ["train", "train"]
+    # A local eval file is its own split: no 'test' asked of it.
+    local = data_file(tmp_path, PAIRS[:2], "held_out.jsonl")
+    assert (
+        cli(train_argv(model_dir, "owner/prefs", tmp_path / "out3", max_steps=1, eval_data=local), capsys)[0]
+        == 0
+    )
+
+
 def test_a_loaded_adapter_and_a_peft_config_are_refused(model_dir, tmp_path, capsys):
     from peft import LoraConfig
 

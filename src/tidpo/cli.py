@@ -46,7 +46,8 @@ class ScriptArguments:
             a Hub dataset id.
         train_split: split to read from a Hub dataset or a DatasetDict.
         eval_data: held-out preference data (same forms); evaluated every ``eval_steps`` when set.
-        eval_split: split of ``eval_data``.
+        eval_split: split of ``eval_data``; default: ``test`` for a Hub dataset (as TRL's scripts), the
+            file itself for a local file.
         dtype: dtype the model is loaded in (``float32``, ``bfloat16``, ``auto``).
         use_peft: train LoRA adapters instead of all weights.
         lora_r / lora_alpha / lora_dropout / lora_target_modules: the LoRA adapter's shape.
@@ -84,7 +85,10 @@ class ScriptArguments:
     eval_data: str | None = field(
         default=None, metadata={"help": "Held-out preference data (same forms), evaluated every eval_steps."}
     )
-    eval_split: str = field(default="train", metadata={"help": "Split of --eval_data."})
+    eval_split: str | None = field(
+        default=None,
+        metadata={"help": "Split of a Hub --eval_data (default: test; a local file is one split)."},
+    )
     dtype: str = field(
         default="float32",
         metadata={"help": "dtype the model is loaded in: float32, bfloat16, float16 or auto."},
@@ -617,13 +621,18 @@ def train(argv: list[str]) -> int:
     with _naming("model", script.model):
         tokenizer = load_tokenizer(script.model)
 
-    def prepared(name: str, split: str):
+    def prepared(name: str, split: str | None):
         # By name (file path or Hub id), so data errors name it rather than "<dataset>".
         return TIDPOTrainer.prepare_dataset(resolve_data(name), tokenizer, config, split=split)
 
+    # Held-out pairs from a Hub dataset: its test split unless told (a local file is its own split).
+    eval_split = script.eval_split
+    if eval_split is None and script.eval_data and not Path(resolve_data(script.eval_data)).exists():
+        eval_split = "test"
+
     # Data before weights: a bad row fails in seconds, not after the model has loaded.
     train_data = prepared(script.train_data, script.train_split)
-    eval_data = prepared(script.eval_data, script.eval_split) if script.eval_data else None
+    eval_data = prepared(script.eval_data, eval_split) if script.eval_data else None
     with _naming("model", script.model):
         model = load_causal_lm(script.model, merge_adapter=True, **model_kwargs)
     ref_model = None
