@@ -250,6 +250,10 @@ def test_yaml_value_of_the_wrong_type(model_dir, tmp_path, capsys):
             "'--precompute_ref_log_probs' (tidpo's name is precompute_ref",
         ),
         (["--betta", "0.2"], "'--betta' (did you mean '--beta'?)"),
+        # Prefixes of an option are not that option (argparse's abbreviations are off).
+        (["--gam", "0"], "unrecognised argument(s): '--gam' (did you mean '--gamma'?)"),
+        (["--use_pef", "true"], "'--use_pef' (did you mean '--use_peft'?)"),
+        (["--resume_from", "x"], "'--resume_from' (did you mean '--resume_from_checkpoint'?)"),
         (["--model_name_or_path", "m"], "'--model_name_or_path' (tidpo train names it model)"),  # trl dpo's
         pytest.param(
             ["--load_in_4bit", "true", "--use_peft", "true"],

@@ -245,7 +245,7 @@ def parse_train_args(argv: list[str]):
 
     from tidpo.training.config import TIDPOConfig
 
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--config")
     pre.add_argument("--resume", nargs="?", const="latest", default=None)
     known, rest = pre.parse_known_args(argv)
@@ -255,6 +255,7 @@ def parse_train_args(argv: list[str]):
         (ScriptArguments, TIDPOConfig),
         prog="tidpo train",
         usage="tidpo train [--config run.yaml] [--option value ...]  (tidpo train --help lists the options)",
+        allow_abbrev=False,  # a misspelt flag (--gam 0) must not set the option it begins (gamma)
     )
     parser.add_argument("--config", help="YAML file of options (flags override it).")
     parser.add_argument(
@@ -268,7 +269,7 @@ def parse_train_args(argv: list[str]):
         defaults["output_dir"] = "runs/tidpo"
     # Eval data is evaluated every eval_steps (default: logging_steps) unless an eval_strategy says
     # otherwise; set before TrainingArguments validates the strategies (load_best_model_at_end's match).
-    flags = argparse.ArgumentParser(add_help=False)
+    flags = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     flags.add_argument("--eval_data")
     flags.add_argument("--eval_strategy")
     given = flags.parse_known_args(rest)[0]
@@ -288,7 +289,9 @@ def parse_train_args(argv: list[str]):
 
         known = _known_keys()
         hints = []
-        for arg in extra:
+        # The unknown flags, not the values after them (``--gam 0``: '0' is gam's, not a second mistake).
+        flagged = [arg for arg in extra if arg.startswith("-")]
+        for arg in flagged or extra:
             flag = arg.split("=")[0]
             hint = unknown_option_hint(flag[2:], known, prefix="--") if flag.startswith("--") else ""
             hints.append(f"{arg!r}{hint}")
@@ -869,7 +872,7 @@ def _print_summary(trainer, config, train_metrics: dict, eval_metrics: dict) -> 
 
 def _eval(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
-        prog="tidpo eval", description="Evaluate a policy against its reference."
+        prog="tidpo eval", description="Evaluate a policy against its reference.", allow_abbrev=False
     )
     parser.add_argument("--model", required=True, help="Trained policy (folder, built-in name or Hub id).")
     parser.add_argument(
@@ -952,7 +955,9 @@ def _eval(argv: list[str]) -> int:
 
 
 def _explain(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="tidpo explain", description="Show TI-DPO's token importance.")
+    parser = argparse.ArgumentParser(
+        prog="tidpo explain", description="Show TI-DPO's token importance.", allow_abbrev=False
+    )
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--prompt")
     parser.add_argument("--response")
@@ -985,7 +990,9 @@ def _explain(argv: list[str]) -> int:
 
 def _data(argv: list[str]) -> int:
     if not argv or argv[0] != "build":
-        parser = argparse.ArgumentParser(prog="tidpo data", description="Build preference data.")
+        parser = argparse.ArgumentParser(
+            prog="tidpo data", description="Build preference data.", allow_abbrev=False
+        )
         parser.add_argument("action", choices=["build"])
         parser.parse_args(argv[:1])  # exits 2 with argparse's message (or prints --help)
     from tidpo.tasks.build import main as build_main

@@ -420,7 +420,9 @@ def build_pairs(
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     """``tidpo data build`` and ``python -m tidpo.tasks.build`` (one parser for both)."""
     parser = argparse.ArgumentParser(
-        prog=prog, description="Sample K responses per prompt, judge them, write best-vs-worst pairs."
+        prog=prog,
+        description="Sample K responses per prompt, judge them, write best-vs-worst pairs.",
+        allow_abbrev=False,
     )
     parser.add_argument("--task", required=True, help="Built-in task: instructions, sentiment.")
     parser.add_argument("--model", default="smollm2-135m")

@@ -327,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     from tidpo.tasks import PROMPTS_DIR
 
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
     )
     parser.add_argument("--out-dir", type=Path, default=PROMPTS_DIR)
     parser.add_argument("--check", action="store_true", help="compare with the files instead of writing them")
