@@ -178,6 +178,29 @@ def test_tokenizer_without_pad_and_eos_is_a_clear_error(tmp_path, capsys):
     expect_error(argv_for(model, data, tmp_path), capsys, "neither a pad token nor an EOS token")
 
 
+def test_a_misspelt_built_in_name_is_named_not_looked_up_on_the_hub(model_dir, tmp_path, capsys, monkeypatch):
+    import datasets
+    import transformers
+
+    def offline(*args, **kwargs):
+        raise AssertionError("went to the Hub")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    data = data_file(tmp_path, PAIRS)
+    expect_error(
+        train_argv(model_dir, "quickstart_test", tmp_path / "out"),
+        capsys,
+        "quickstart_test: no such file or folder, and not a built-in data set name: did you mean "
+        "'quickstart-test'?",
+    )
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", offline)
+    expect_error(
+        train_argv(Path("smollm2-135"), data, tmp_path / "out"),
+        capsys,
+        "--model smollm2-135: no such file or folder, and not a built-in model name: did you mean 'smollm2-135m'?",
+    )
+
+
 def test_missing_model_folder(tmp_path, capsys):
     data = data_file(tmp_path, PAIRS)
     expect_error(argv_for(tmp_path / "no-model", data, tmp_path), capsys, "no such model folder", "no-model")

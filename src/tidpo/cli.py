@@ -21,7 +21,7 @@ import sys
 import tempfile
 import typing
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -129,9 +129,25 @@ class CLIError(Exception):
 
 def resolve_data(name_or_path: str) -> str:
     """Map a built-in dataset name to its bundled file; anything else is returned unchanged."""
-    if name_or_path in BUILTIN_DATA and not Path(name_or_path).exists():
+    if Path(name_or_path).exists():
+        return name_or_path
+    if name_or_path in BUILTIN_DATA:
         return str(Path(__file__).parent / BUILTIN_DATA[name_or_path])
+    _refuse_near_builtin(name_or_path, BUILTIN_DATA, "data set")
     return name_or_path
+
+
+def _refuse_near_builtin(name: str, builtins: Iterable[str], what: str) -> None:
+    """A name that is no local path and one typo away from a built-in name would otherwise go to the Hub
+    (a minute of retries offline, then a connection error): name the built-in it resembles."""
+    import difflib
+
+    close = difflib.get_close_matches(name.lower(), list(builtins), n=1, cutoff=0.8)
+    if close and "/" not in name:
+        raise FileNotFoundError(
+            f"{name}: no such file or folder, and not a built-in {what} name: did you mean {close[0]!r}? "
+            f"(built-in: {', '.join(builtins)})"
+        )
 
 
 # ------------------------------------------------------------------------------------------ config
@@ -549,6 +565,10 @@ def _check_model_path(name_or_path: str, option: str) -> None:
         return
     if path.exists():
         raise FileNotFoundError(f"--{option} {name_or_path}: a file, not a model folder.")
+    try:
+        _refuse_near_builtin(name_or_path, EMBEDDED_MODELS, "model")
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"--{option} {err}") from None
     looks_like_path = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
     if looks_like_path or (os.sep in name_or_path and Path(name_or_path).parent.exists()):
         raise FileNotFoundError(
