@@ -145,6 +145,24 @@ def test_one_pair_evaluates_without_self_bleu(models):
     assert one["rewards/chosen"] == pytest.approx(alone["rewards/chosen"], abs=1e-6)
 
 
+def test_a_judge_missing_its_row_fields_fails_before_any_generation(models, monkeypatch):
+    module = sys.modules[evaluate.__module__]  # the package re-exports the function under the same name
+    policy, reference, tok = models
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("sampled before checking the judge's rows")
+
+    monkeypatch.setattr(module, "_sample", no_sampling)
+    with pytest.raises(
+        ValueError, match=r"the 'instructions' judge reads each row's 'constraints', which rows \[0, 1"
+    ):
+        evaluate(policy, reference, tok, ROWS, judge="instructions")
+    rows = [dict(r, constraints=[{"type": "no_commas"}]) for r in ROWS]
+    rows[2] = dict(ROWS[2])
+    with pytest.raises(ValueError, match=r"which rows \[2\] of the data lack"):
+        evaluate(policy, reference, tok, rows, judge="instructions")
+
+
 def test_evaluate_errors(models):
     policy, reference, tok = models
     with pytest.raises(KeyError, match="Unknown judge 'nope'"):

@@ -23,7 +23,7 @@ import inspect
 import os
 import re
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from functools import lru_cache
 from typing import Any
 
@@ -161,7 +161,23 @@ def _as_two_arg(fn: Callable[..., float], name: str) -> Judge:
 
     judge.__name__ = f"judge_{name}"
     judge.__doc__ = getattr(fn, "__doc__", None)
+    # Data-row fields the judge reads (e.g. the instructions judge's 'constraints'), checked before any
+    # generation by `check_judge_rows`.
+    judge.row_fields = tuple(getattr(fn, "row_fields", ()))
     return judge
+
+
+def check_judge_rows(judge: Judge, name: Any, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Refuse rows without the fields ``judge`` declares (its ``row_fields``), before the generations
+    it would score are sampled: one error naming the judge, the field and the rows."""
+    for field in getattr(judge, "row_fields", ()):
+        missing = [i for i, row in enumerate(rows) if row.get(field) is None]
+        if missing:
+            raise ValueError(
+                f"the {name!r} judge reads each row's {field!r}, which rows {missing[:10]}"
+                f"{' ...' if len(missing) > 10 else ''} of the data lack (row fields: {sorted(rows[missing[0]])}); "
+                "give data that has it (e.g. built by `tidpo data build --task instructions`) or another judge."
+            )
 
 
 def get_judge(name: str | Callable[..., float]) -> Judge:

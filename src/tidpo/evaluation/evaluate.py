@@ -273,7 +273,7 @@ def evaluate(
         ``diversity/*``, ``kl``, ``num_pairs``, ``num_prompts``.
     """
     from tidpo.data import PreferenceCollator, prepare_preference_dataset
-    from tidpo.judges import get_judge
+    from tidpo.judges import check_judge_rows, get_judge
     from tidpo.metrics import diversity
     from tidpo.models import ensure_pad_token
 
@@ -344,6 +344,9 @@ def evaluate(
         # ---- generations: policy and reference from the same prompts and seed. The prompt ids are
         # the data layer's (as training sees them), and the exact sampled ids are kept for the KL.
         gen_rows = dataset.select(range(n_gen))
+        judge_rows = _rows_for_judge(gen_rows)
+        if judge_fn is not None:
+            check_judge_rows(judge_fn, judge, judge_rows)  # before the generations it would score
         batches = [
             collate(list(gen_rows.select(range(s, min(s + batch_size, n_gen)))))
             for s in range(0, n_gen, batch_size)
@@ -379,7 +382,6 @@ def evaluate(
     decode = tokenizer.batch_decode
     pol_texts = [t for ids in pol_ids for t in decode(ids, skip_special_tokens=True)]
     ref_texts = [t for ids in ref_ids for t in decode(ids, skip_special_tokens=True)]
-    judge_rows = _rows_for_judge(gen_rows)
 
     if judge_fn is not None:
         pol_scores = _judged(judge_fn, judge, pol_texts, judge_rows, "policy")

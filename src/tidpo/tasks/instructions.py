@@ -300,6 +300,9 @@ def judge(text: str, row: Mapping[str, Any] | None = None) -> float:
     return sum(results) / len(results)
 
 
+judge.row_fields = ("constraints",)  # checked on every row before any generation (tidpo.judges)
+
+
 def validate_row(row: Mapping[str, Any], where: str) -> None:
     """Check a prompt row of this task (``where`` names file and line in errors)."""
     if "constraints" not in row:
