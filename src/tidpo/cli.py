@@ -273,6 +273,9 @@ def parse_train_args(argv: list[str]):
         usage="tidpo train [--config run.yaml] [--option value ...]  (tidpo train --help lists the options)",
         allow_abbrev=False,  # a misspelt flag (--gam 0) must not set the option it begins (gamma)
     )
+    for action in parser._actions:  # HfArgumentParser gives --no_X (X defaults to true) X's own help
+        if action.option_strings and action.option_strings[0].startswith("--no_"):
+            action.help = f"Turn --{action.dest} off."
     parser.add_argument("--config", help="YAML file of options (flags override it).")
     parser.add_argument(
         "--resume",

@@ -971,7 +971,7 @@ class TIDPOTrainer(Trainer):
         # kernel launches that cost more than the saved tokens (DPO step 2.0-2.1x slower on SmolLM2,
         # 1.12-1.15x on Llama-3.2-1B shapes), for 0.83-0.87x the peak memory. Under checkpointing memory
         # is what the run is short of: it stays on there.
-        return device.type != "cuda" or bool(self.args.gradient_checkpointing)
+        return device.type != "cuda" or bool(self.args.activation_checkpointing)
 
     def _prompt_cache_unsupported(
         self, model: nn.Module, inputs: dict[str, torch.Tensor], both_rows: bool = False
