@@ -275,6 +275,7 @@ def test_yaml_value_of_the_wrong_type(model_dir, tmp_path, capsys):
         (["--betta", "0.2"], "'--betta' (did you mean '--beta'?)"),
         # Prefixes of an option are not that option (argparse's abbreviations are off).
         (["--gam", "0"], "unrecognised argument(s): '--gam' (did you mean '--gamma'?)"),
+        (["--gam", "-1"], "unrecognised argument(s): '--gam' (did you mean '--gamma'?)"),
         (["--use_pef", "true"], "'--use_pef' (did you mean '--use_peft'?)"),
         (["--resume_from", "x"], "'--resume_from' (did you mean '--resume_from_checkpoint'?)"),
         (["--model_name_or_path", "m"], "'--model_name_or_path' (tidpo train names it model)"),  # trl dpo's
@@ -337,6 +338,15 @@ def test_auto_and_none_are_accepted_for_the_options_whose_default_is_none(tmp_pa
     # A flag's auto overrides the YAML's value; other values still parse as before.
     _s, config, _r = parse_train_args(["--config", str(yaml_file), "--share_prompt", "auto", "--beta", "0.2"])
     assert (config.share_prompt, config.beta) == (None, 0.2)
+    # The last flag wins, as for any option (a wrapper appending an override to a base command).
+    _s, config, _r = parse_train_args(
+        ["--share_prompt", "true", "--share_prompt", "auto", "--tdpo_alpha", "0.3", "--tdpo_alpha", "none"]
+    )
+    assert (config.share_prompt, config.tdpo_alpha) == (None, None)
+    _s, config, _r = parse_train_args(
+        ["--share_prompt", "auto", "--share_prompt", "false", "--max_length", "none", "--max_length", "300"]
+    )
+    assert (config.share_prompt, config.max_length) == (False, 300)
 
 
 def test_a_run_without_length_limits_trains(model_dir, tmp_path, capsys):
@@ -595,12 +605,12 @@ def test_hub_eval_data_defaults_to_its_test_split(model_dir, tmp_path, capsys, m
     argv = [*train_argv(model_dir, "owner/prefs", tmp_path / "out2", max_steps=1, eval_data="owner/prefs")]
     assert cli([*argv, "--eval_split", "train"], capsys)[0] == 0
     assert taken == ["train", "train"]
-    # A local eval file is its own split: no 'test' asked of it.
-    local = data_file(tmp_path, PAIRS[:2], "held_out.jsonl")
-    assert (
-        cli(train_argv(model_dir, "owner/prefs", tmp_path / "out3", max_steps=1, eval_data=local), capsys)[0]
-        == 0
-    )
+    # A local eval file is its own split: no 'test' asked of it (also written with ~, as YAML keeps it).
+    data_file(tmp_path, PAIRS[:2], "held_out.jsonl")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for n, local in enumerate((str(tmp_path / "held_out.jsonl"), "~/held_out.jsonl")):
+        argv = train_argv(model_dir, "owner/prefs", tmp_path / f"local{n}", max_steps=1, eval_data=local)
+        assert cli(argv, capsys)[0] == 0
 
 
 def test_a_loaded_adapter_and_a_peft_config_are_refused(model_dir, tmp_path, capsys):

@@ -21,7 +21,7 @@ import sys
 import tempfile
 import typing
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -129,7 +129,7 @@ class CLIError(Exception):
 
 def resolve_data(name_or_path: str) -> str:
     """Map a built-in dataset name to its bundled file; anything else is returned unchanged."""
-    if Path(name_or_path).exists():
+    if Path(name_or_path).expanduser().exists():
         return name_or_path
     if name_or_path in BUILTIN_DATA:
         return str(Path(__file__).parent / BUILTIN_DATA[name_or_path])
@@ -203,23 +203,15 @@ def _means_none(name: str, value: object) -> bool:
     return value.strip().lower() in words
 
 
-def _take_none_flags(argv: list[str]) -> tuple[list[str], list[str]]:
-    """Remove ``--option auto|none|null`` (and ``--option=...``) for the optional options, which argparse
-    would parse with the option's bool/int/float type; return the rest and the names set to None."""
-    rest, names, i = [], [], 0
-    while i < len(argv):
-        arg = argv[i]
-        flag, eq, value = arg.partition("=")
-        name = flag[2:].replace("-", "_") if flag.startswith("--") else ""
-        if eq and _means_none(name, value):
-            names.append(name)
-        elif not eq and i + 1 < len(argv) and _means_none(name, argv[i + 1]):
-            names.append(name)
-            i += 1
-        else:
-            rest.append(arg)
-        i += 1
-    return rest, names
+def _none_or(name: str, parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """Wrap an optional option's argparse type so that its None words parse to None (in the flags'
+    order, so a later ``--x auto`` overrides an earlier ``--x true``)."""
+
+    def convert(text: str) -> Any:
+        return None if _means_none(name, text) else parse(text)
+
+    convert.__name__ = getattr(parse, "__name__", "value")  # argparse's "invalid int value: 'auto'"
+    return convert
 
 
 _SCALARS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
@@ -265,7 +257,6 @@ def parse_train_args(argv: list[str]):
     pre.add_argument("--config")
     pre.add_argument("--resume", nargs="?", const="latest", default=None)
     known, rest = pre.parse_known_args(argv)
-    rest, none_flags = _take_none_flags(rest)
     # A short usage line: argparse prints it before every flag error, and the full one lists ~150 options.
     parser = HfArgumentParser(
         (ScriptArguments, TIDPOConfig),
@@ -273,9 +264,11 @@ def parse_train_args(argv: list[str]):
         usage="tidpo train [--config run.yaml] [--option value ...]  (tidpo train --help lists the options)",
         allow_abbrev=False,  # a misspelt flag (--gam 0) must not set the option it begins (gamma)
     )
-    for action in parser._actions:  # HfArgumentParser gives --no_X (X defaults to true) X's own help
+    for action in parser._actions:
         if action.option_strings and action.option_strings[0].startswith("--no_"):
-            action.help = f"Turn --{action.dest} off."
+            action.help = f"Turn --{action.dest} off."  # HfArgumentParser repeats --X's help for --no_X
+        elif action.dest in TIDPOConfig._OPTIONAL and action.type is not None:
+            action.type = _none_or(action.dest, action.type)
     parser.add_argument("--config", help="YAML file of options (flags override it).")
     parser.add_argument(
         "--resume",
@@ -296,7 +289,6 @@ def parse_train_args(argv: list[str]):
         given.eval_strategy or "eval_strategy" in defaults
     ):
         defaults["eval_strategy"] = "steps"
-    defaults.update(dict.fromkeys(none_flags))  # a flag overrides the YAML, also with None
     parser.set_defaults(**defaults)
     # look_for_args_file=False: never read options from a stray `<argv[0]>.args` file.
     *objects, extra = parser.parse_args_into_dataclasses(
@@ -309,7 +301,7 @@ def parse_train_args(argv: list[str]):
         known = _known_keys()
         hints = []
         # The unknown flags, not the values after them (``--gam 0``: '0' is gam's, not a second mistake).
-        flagged = [arg for arg in extra if arg.startswith("-")]
+        flagged = [arg for arg in extra if arg.startswith("--")]  # not a negative value such as -1
         for arg in flagged or extra:
             flag = arg.split("=")[0]
             hint = unknown_option_hint(flag[2:], known, prefix="--") if flag.startswith("--") else ""
@@ -653,7 +645,11 @@ def train(argv: list[str]) -> int:
 
     # Held-out pairs from a Hub dataset: its test split unless told (a local file is its own split).
     eval_split = script.eval_split
-    if eval_split is None and script.eval_data and not Path(resolve_data(script.eval_data)).exists():
+    if (
+        eval_split is None
+        and script.eval_data
+        and not Path(resolve_data(script.eval_data)).expanduser().exists()
+    ):
         eval_split = "test"
 
     # Data before weights: a bad row fails in seconds, not after the model has loaded.
