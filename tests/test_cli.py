@@ -929,6 +929,8 @@ def test_data_build_takes_the_documented_options(model_dir, tmp_path, capsys):
     assert out.exists()
     code, _, err = cli(["data", "nope"], capsys)
     assert code == 2 and "invalid choice: 'nope'" in err
+    argv[5] = "smollm2-135"  # a typo of the built-in name: refused, not looked up on the Hub
+    expect_error(argv, capsys, "--model smollm2-135: no such file or folder", "did you mean 'smollm2-135m'?")
 
 
 def test_with_load_best_model_at_end_the_final_eval_is_the_saved_models(model_dir, tmp_path, capsys):

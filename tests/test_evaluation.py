@@ -154,12 +154,18 @@ def test_a_judge_missing_its_row_fields_fails_before_any_generation(models, monk
 
     monkeypatch.setattr(module, "_sample", no_sampling)
     with pytest.raises(
-        ValueError, match=r"the 'instructions' judge reads each row's 'constraints', which rows \[0, 1"
+        ValueError, match=r"'instructions' judge cannot score the data: row 0: missing field 'constr"
     ):
         evaluate(policy, reference, tok, ROWS, judge="instructions")
     rows = [dict(r, constraints=[{"type": "no_commas"}]) for r in ROWS]
-    rows[2] = dict(ROWS[2])
-    with pytest.raises(ValueError, match=r"which rows \[2\] of the data lack"):
+    rows[2] = dict(ROWS[2])  # a file's column: null in this row
+    with pytest.raises(ValueError, match=r"row 2: missing field 'constraints'"):
+        evaluate(policy, reference, tok, rows, judge="instructions")
+    rows[2] = dict(ROWS[2], constraints=[])
+    with pytest.raises(ValueError, match=r"row 2: field 'constraints' is empty"):
+        evaluate(policy, reference, tok, rows, judge="instructions")
+    rows[2] = dict(ROWS[2], constraints=[{"type": "bogus"}])
+    with pytest.raises(ValueError, match=r"row 2: constraints\[0\]: unknown constraint type 'bogus'"):
         evaluate(policy, reference, tok, rows, judge="instructions")
 
 
@@ -303,6 +309,10 @@ def test_run_eval_truncates_as_the_training_run_and_checks_cheap_inputs_first(tm
     monkeypatch.setattr(models, "load_causal_lm", no_model)
     with pytest.raises(KeyError, match="Unknown judge"):
         run_eval(str(tmp_path / "policy"), str(tmp_path / "ref"), str(data), "nope", str(tmp_path / "o"))
+    with pytest.raises(ValueError, match="'instructions' judge cannot score the data: row 0"):
+        run_eval(
+            str(tmp_path / "policy"), str(tmp_path / "ref"), str(data), "instructions", str(tmp_path / "o")
+        )
     with pytest.raises(FileNotFoundError):
         run_eval(
             str(tmp_path / "policy"),

@@ -21,7 +21,7 @@ import sys
 import tempfile
 import typing
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -133,21 +133,10 @@ def resolve_data(name_or_path: str) -> str:
         return name_or_path
     if name_or_path in BUILTIN_DATA:
         return str(Path(__file__).parent / BUILTIN_DATA[name_or_path])
-    _refuse_near_builtin(name_or_path, BUILTIN_DATA, "data set")
+    from tidpo.models import refuse_near_builtin
+
+    refuse_near_builtin(name_or_path, BUILTIN_DATA, "data set")
     return name_or_path
-
-
-def _refuse_near_builtin(name: str, builtins: Iterable[str], what: str) -> None:
-    """A name that is no local path and one typo away from a built-in name would otherwise go to the Hub
-    (a minute of retries offline, then a connection error): name the built-in it resembles."""
-    import difflib
-
-    close = difflib.get_close_matches(name.lower(), list(builtins), n=1, cutoff=0.8)
-    if close and "/" not in name:
-        raise FileNotFoundError(
-            f"{name}: no such file or folder, and not a built-in {what} name: did you mean {close[0]!r}? "
-            f"(built-in: {', '.join(builtins)})"
-        )
 
 
 # ------------------------------------------------------------------------------------------ config
@@ -538,7 +527,7 @@ def _check_writable(folder: str, option: str) -> None:
 
 def _check_model_path(name_or_path: str, option: str) -> None:
     """A model given as a path must exist: fail here with the path, not deep inside from_pretrained."""
-    from tidpo.models import EMBEDDED_MODELS
+    from tidpo.models import EMBEDDED_MODELS, refuse_near_builtin
 
     if name_or_path.lower() in EMBEDDED_MODELS:
         return
@@ -561,7 +550,7 @@ def _check_model_path(name_or_path: str, option: str) -> None:
     if path.exists():
         raise FileNotFoundError(f"--{option} {name_or_path}: a file, not a model folder.")
     try:
-        _refuse_near_builtin(name_or_path, EMBEDDED_MODELS, "model")
+        refuse_near_builtin(name_or_path, EMBEDDED_MODELS, "model")
     except FileNotFoundError as err:
         raise FileNotFoundError(f"--{option} {err}") from None
     looks_like_path = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1

@@ -161,23 +161,26 @@ def _as_two_arg(fn: Callable[..., float], name: str) -> Judge:
 
     judge.__name__ = f"judge_{name}"
     judge.__doc__ = getattr(fn, "__doc__", None)
-    # Data-row fields the judge reads (e.g. the instructions judge's 'constraints'), checked before any
-    # generation by `check_judge_rows`.
-    judge.row_fields = tuple(getattr(fn, "row_fields", ()))
+    # The judge's own check of a data row (e.g. the instructions judge's constraints), run on every row
+    # before any generation by `check_judge_rows`.
+    judge.check_row = getattr(fn, "check_row", None)
     return judge
 
 
 def check_judge_rows(judge: Judge, name: Any, rows: Sequence[Mapping[str, Any]]) -> None:
-    """Refuse rows without the fields ``judge`` declares (its ``row_fields``), before the generations
-    it would score are sampled: one error naming the judge, the field and the rows."""
-    for field in getattr(judge, "row_fields", ()):
-        missing = [i for i, row in enumerate(rows) if row.get(field) is None]
-        if missing:
+    """Run the judge's ``check_row(row, where)`` (if it has one) on every row, before the generations it
+    would score are sampled: a row it cannot score is one error naming the judge and the row."""
+    check_row = getattr(judge, "check_row", None)
+    if check_row is None:
+        return
+    for i, row in enumerate(rows):
+        try:
+            check_row(row, f"row {i}")
+        except ValueError as err:
             raise ValueError(
-                f"the {name!r} judge reads each row's {field!r}, which rows {missing[:10]}"
-                f"{' ...' if len(missing) > 10 else ''} of the data lack (row fields: {sorted(rows[missing[0]])}); "
-                "give data that has it (e.g. built by `tidpo data build --task instructions`) or another judge."
-            )
+                f"the {name!r} judge cannot score the data: {err}. Give data that has what it reads (e.g. "
+                "built by `tidpo data build --task instructions`) or another judge."
+            ) from None
 
 
 def get_judge(name: str | Callable[..., float]) -> Judge:

@@ -20,7 +20,7 @@ import shutil
 import sys
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -68,6 +68,22 @@ def decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.
     if type(head) is not torch.nn.Linear or decoder is None or decoder is inner:
         return None
     return decoder, head
+
+
+def refuse_near_builtin(name: str, builtins: Iterable[str], what: str) -> None:
+    """A name that is no local path and one typo away from a built-in name (``smollm2-135``) would
+    otherwise go to the Hub (a minute of retries offline, then a connection error): name the built-in
+    it resembles. Hub ids (``owner/name``) and names close to no built-in pass."""
+    import difflib
+
+    if "/" in name or Path(name).expanduser().exists():
+        return
+    close = difflib.get_close_matches(name.lower(), list(builtins), n=1, cutoff=0.8)
+    if close and name.lower() not in builtins:
+        raise FileNotFoundError(
+            f"{name}: no such file or folder, and not a built-in {what} name: did you mean {close[0]!r}? "
+            f"(built-in: {', '.join(builtins)})"
+        )
 
 
 def cache_dir() -> Path:

@@ -513,7 +513,7 @@ def run_eval(
     ``max_length`` / ``max_prompt_length`` / ``beta`` not given (or None) are those of the training run
     that wrote ``model`` (its ``run_config.json``), else :func:`evaluate`'s defaults."""
     from tidpo.data import prepare_preference_dataset
-    from tidpo.judges import get_judge
+    from tidpo.judges import check_judge_rows, get_judge
     from tidpo.models import check_same_vocabulary, load_causal_lm, load_tokenizer
 
     trained = _training_settings(model)
@@ -536,14 +536,16 @@ def run_eval(
         )
     tokenizer = load_tokenizer(model)
     # The judge and the data first: a typo fails in seconds, not after two models have loaded.
-    if judge is not None:
-        get_judge(judge)
+    judge_fn = get_judge(judge) if judge is not None else None
     data = prepare_preference_dataset(
         data,
         tokenizer,
         max_length=options.get("max_length", _DEFAULT_LENGTHS["max_length"]),
         max_prompt_length=options.get("max_prompt_length", _DEFAULT_LENGTHS["max_prompt_length"]),
     )
+    if judge_fn is not None:
+        first = options.get("num_prompts") or len(data)
+        check_judge_rows(judge_fn, judge, _rows_for_judge(data.select(range(min(first, len(data))))))
     policy = load_causal_lm(model, dtype=dtype)
     ref = load_causal_lm(reference, dtype=dtype)
     check_same_vocabulary(policy, ref, "reference")

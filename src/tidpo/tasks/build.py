@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from tidpo.judges import get_judge
+from tidpo.models import EMBEDDED_MODELS, refuse_near_builtin
 from tidpo.tasks import Task, get_task, load_prompts
 
 __all__ = ["build_pairs", "main", "prompt_key", "read_pairs", "ties_path"]
@@ -441,6 +442,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     model_path = Path(args.model).expanduser()
     if args.model.startswith((".", "/", "~")) and not model_path.is_dir():
         raise ValueError(f"--model {args.model}: no such model folder (resolved to {model_path.resolve()}).")
+    try:
+        refuse_near_builtin(args.model, EMBEDDED_MODELS, "model")
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"--model {err}") from None
     stats = build_pairs(
         args.task,
         model=args.model,

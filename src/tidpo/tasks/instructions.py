@@ -300,12 +300,12 @@ def judge(text: str, row: Mapping[str, Any] | None = None) -> float:
     return sum(results) / len(results)
 
 
-judge.row_fields = ("constraints",)  # checked on every row before any generation (tidpo.judges)
-
-
 def validate_row(row: Mapping[str, Any], where: str) -> None:
     """Check a prompt row of this task (``where`` names file and line in errors)."""
-    if "constraints" not in row:
+    if row.get("constraints") is None:  # absent, or null in a column other rows fill
         raise ValueError(f"{where}: missing field 'constraints' (the instructions task checks them)")
     if not _as_constraints(row["constraints"], where):
         raise ValueError(f"{where}: field 'constraints' is empty")
+
+
+judge.check_row = validate_row  # run on every row before any generation (tidpo.judges)
