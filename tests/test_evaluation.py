@@ -300,7 +300,7 @@ def test_run_eval_truncates_as_the_training_run_and_checks_cheap_inputs_first(tm
     run_eval(str(tmp_path / "ref"), *folders[1:], max_new_tokens=2, max_prompt_length=5)
     assert "max_length" not in seen and seen["max_prompt_length"] == 5  # evaluate's default length
     assert "beta" not in seen  # evaluate's default beta, 0.1
-    assert "truncated at --max-length 512 (the defaults)" in capsys.readouterr().out
+    assert "found, so --max-length 512, --beta 0.1 (the defaults) apply" in capsys.readouterr().out
 
     # A bad judge or data file fails before any model is loaded.
     def no_model(*args, **kwargs):

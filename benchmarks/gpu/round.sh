@@ -21,11 +21,11 @@ step() {  # step <seconds> <log name> <command...>
     echo "=== exit ${PIPESTATUS[0]}" | tee -a "$OUT/$log"
 }
 # 1. What one anchor decode loop costs at 64 and 16 rows on the 1B shapes (sampled vs argmax), profiled.
-step 100 decode_diag.log python3 benchmarks/anchor_decode_diag.py $L --bf16 --rows 64 --prompt-len 128 --reps 3 --skip-generate --greedy --profile
-step 50 decode_diag.log python3 benchmarks/anchor_decode_diag.py $L --bf16 --rows 16 --prompt-len 128 --reps 3 --skip-generate --greedy
+step 90 decode_diag.log python3 benchmarks/anchor_decode_diag.py $L --bf16 --rows 64 --prompt-len 128 --reps 3 --skip-generate --greedy --profile
+step 45 decode_diag.log python3 benchmarks/anchor_decode_diag.py $L --bf16 --rows 16 --prompt-len 128 --reps 3 --skip-generate --greedy
 # 2. Target 2 at 64 pairs per optimizer step (1B shapes), then the table on SmolLM2 (full FT).
-step 140 l1b_accum4.log python3 benchmarks/speed.py $B --arch-dir $L --batch-size 16 --grad-accum 4 --steps 3 --no-memory --configs dpo,ti_full --json "$OUT/l1b_accum4.json"
-step 110 smol_b8.log python3 benchmarks/speed.py $B --arch-dir $S --batch-size 8 --steps 6 --configs dpo,trl_dpo,ti_separate,ti_fused,ti_fused_kl,ti_full --json "$OUT/smol_b8.json"
-step 90 l1b_b16.log python3 benchmarks/speed.py $B --arch-dir $L --batch-size 16 --steps 5 --configs dpo,ti_fused_kl,ti_full --json "$OUT/l1b_b16.json"
+step 130 l1b_accum4.log python3 benchmarks/speed.py $B --arch-dir $L --batch-size 16 --grad-accum 4 --steps 3 --no-memory --configs dpo,ti_full --json "$OUT/l1b_accum4.json"
+step 100 smol_b8.log python3 benchmarks/speed.py $B --arch-dir $S --batch-size 8 --steps 6 --configs dpo,trl_dpo,ti_separate,ti_fused,ti_fused_kl,ti_full --json "$OUT/smol_b8.json"
+step 85 l1b_b16.log python3 benchmarks/speed.py $B --arch-dir $L --batch-size 16 --steps 5 --configs dpo,ti_fused_kl,ti_full --json "$OUT/l1b_b16.json"
 # 3. The GPU-only tests.
 step 90 cuda_tests.log python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py

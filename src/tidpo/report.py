@@ -228,7 +228,14 @@ def _summary(
     if final:
         # transformers averages and times the steps of the last train() call only: after a resume, the
         # steps since it, which the labels say (the loss curve spans the whole run).
-        since = f" (steps {resumed_at + 1}-{final.get('step', '?')}, since the resume)" if resumed_at else ""
+        since = ""
+        if resumed_at:
+            first, last = resumed_at + 1, final.get("step", "?")
+            since = (
+                f" (step {last}, since the resume)"
+                if first == last
+                else f" (steps {first}-{last}, since the resume)"
+            )
         rows += [(k + since, final[k]) for k in ("train_loss", "train_runtime") if k in final]
         rows += [("epoch", final["epoch"])] if "epoch" in final else []
     for key in ("loss", "rewards/accuracies", "rewards/margins", "weights/max", "triplet/loss"):

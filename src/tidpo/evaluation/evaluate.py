@@ -222,6 +222,7 @@ def _mean(values: Sequence[float]) -> float:
 
 
 _DEFAULT_LENGTHS = {"max_length": 512, "max_prompt_length": 256}  # evaluate()'s, also named by tidpo eval
+_DEFAULT_BETA = 0.1
 
 
 def evaluate(
@@ -231,7 +232,7 @@ def evaluate(
     data: Any,
     *,
     judge: str | Callable[..., float] | None = None,
-    beta: float = 0.1,
+    beta: float = _DEFAULT_BETA,
     max_new_tokens: int = 64,
     num_prompts: int | None = None,
     num_pairs: int | None = None,
@@ -517,22 +518,19 @@ def run_eval(
     from tidpo.models import check_same_vocabulary, load_causal_lm, load_tokenizer
 
     trained = _training_settings(model)
-    if options.get("beta") is None:
-        options.pop("beta", None)
-        if "beta" in trained:
-            options["beta"] = trained["beta"]
+    defaults = {**_DEFAULT_LENGTHS, "beta": _DEFAULT_BETA}
     defaulted = []
-    for key in ("max_length", "max_prompt_length"):
+    for key in ("max_length", "max_prompt_length", "beta"):
         if options.get(key) is None:  # not given: the training run's, else evaluate's default
             options.pop(key, None)
             if key in trained:
                 options[key] = trained[key]
             else:
-                defaulted.append(f"--{key.replace('_', '-')} {_DEFAULT_LENGTHS[key]}")  # tidpo eval's flags
+                defaulted.append(f"--{key.replace('_', '-')} {defaults[key]}")  # tidpo eval's flags
     if defaulted and print_table and Path(model).is_dir():
         print(
-            f"tidpo eval: no run_config.json of {model}'s training run found, so the pairs are truncated at "
-            f"{' and '.join(defaulted)} (the defaults); give them to truncate as the training did."
+            f"tidpo eval: no run_config.json of {model}'s training run found, so {', '.join(defaulted)} (the "
+            "defaults) apply; give them to truncate the pairs and scale the rewards as the training did."
         )
     tokenizer = load_tokenizer(model)
     # The judge and the data first: a typo fails in seconds, not after two models have loaded.
