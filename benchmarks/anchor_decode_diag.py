@@ -35,7 +35,7 @@ from tidpo.generation import anchor_cache, sample_completion_ids
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     parser.add_argument("arch")
     parser.add_argument("--rows", type=int, default=16)
     parser.add_argument("--prompt-len", type=int, default=48)

@@ -552,7 +552,7 @@ def report(entries: dict[str, Entry], parity: tuple[float, float] | None, args) 
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("--model", choices=("tiny", "smollm2"), default="tiny")
     p.add_argument("--steps", type=int, default=8, help="measured steps per configuration")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per configuration first")

@@ -22,7 +22,7 @@ from tidpo.models import load_causal_lm, load_tokenizer
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(allow_abbrev=False)
     parser.add_argument("--pairs", type=int, default=20)
     a = parser.parse_args()
     tokenizer = load_tokenizer("smollm2-135m")

@@ -237,7 +237,7 @@ def run_one(run: Run, train: Path, test: Path, budget: Budget) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
     )
     parser.add_argument("--tasks", nargs="+", default=["instructions", "sentiment"], choices=list(JUDGES))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
