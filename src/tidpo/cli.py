@@ -549,10 +549,7 @@ def _check_model_path(name_or_path: str, option: str) -> None:
         return
     if path.exists():
         raise FileNotFoundError(f"--{option} {name_or_path}: a file, not a model folder.")
-    try:
-        refuse_near_builtin(name_or_path, EMBEDDED_MODELS, "model")
-    except FileNotFoundError as err:
-        raise FileNotFoundError(f"--{option} {err}") from None
+    refuse_near_builtin(name_or_path, EMBEDDED_MODELS, "model", option=f"--{option} ")
     looks_like_path = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
     if looks_like_path or (os.sep in name_or_path and Path(name_or_path).parent.exists()):
         raise FileNotFoundError(
@@ -628,22 +625,18 @@ def train(argv: list[str]) -> int:
     with _naming("model", script.model):
         tokenizer = load_tokenizer(script.model)
 
-    def prepared(name: str, split: str | None):
-        # By name (file path or Hub id), so data errors name it rather than "<dataset>".
-        return TIDPOTrainer.prepare_dataset(resolve_data(name), tokenizer, config, split=split)
-
-    # Held-out pairs from a Hub dataset: its test split unless told (a local file is its own split).
-    eval_split = script.eval_split
-    if (
-        eval_split is None
-        and script.eval_data
-        and not Path(resolve_data(script.eval_data)).expanduser().exists()
-    ):
-        eval_split = "test"
+    def prepared(name: str, split: str | None, hub_split: str = "train"):
+        # By name (file path or Hub id), so data errors name it rather than "<dataset>". A Hub dataset
+        # without a split given: hub_split (a local file is its own split).
+        source = resolve_data(name)
+        if split is None and not Path(source).expanduser().exists():
+            split = hub_split
+        return TIDPOTrainer.prepare_dataset(source, tokenizer, config, split=split)
 
     # Data before weights: a bad row fails in seconds, not after the model has loaded.
     train_data = prepared(script.train_data, script.train_split)
-    eval_data = prepared(script.eval_data, eval_split) if script.eval_data else None
+    # Held-out pairs from a Hub dataset: its test split unless told (as TRL's scripts).
+    eval_data = prepared(script.eval_data, script.eval_split, hub_split="test") if script.eval_data else None
     with _naming("model", script.model):
         model = load_causal_lm(script.model, merge_adapter=True, **model_kwargs)
     ref_model = None

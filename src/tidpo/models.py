@@ -70,10 +70,11 @@ def decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.
     return decoder, head
 
 
-def refuse_near_builtin(name: str, builtins: Iterable[str], what: str) -> None:
+def refuse_near_builtin(name: str, builtins: Iterable[str], what: str, option: str = "") -> None:
     """A name that is no local path and one typo away from a built-in name (``smollm2-135``) would
     otherwise go to the Hub (a minute of retries offline, then a connection error): name the built-in
-    it resembles. Hub ids (``owner/name``) and names close to no built-in pass."""
+    it resembles (``option``, e.g. ``"--model "``, starts the message). Hub ids (``owner/name``) and names
+    close to no built-in pass."""
     import difflib
 
     if "/" in name or Path(name).expanduser().exists():
@@ -81,7 +82,7 @@ def refuse_near_builtin(name: str, builtins: Iterable[str], what: str) -> None:
     close = difflib.get_close_matches(name.lower(), list(builtins), n=1, cutoff=0.8)
     if close and name.lower() not in builtins:
         raise FileNotFoundError(
-            f"{name}: no such file or folder, and not a built-in {what} name: did you mean {close[0]!r}? "
+            f"{option}{name}: no such file or folder, and not a built-in {what} name: did you mean {close[0]!r}? "
             f"(built-in: {', '.join(builtins)})"
         )
 

@@ -442,10 +442,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     model_path = Path(args.model).expanduser()
     if args.model.startswith((".", "/", "~")) and not model_path.is_dir():
         raise ValueError(f"--model {args.model}: no such model folder (resolved to {model_path.resolve()}).")
-    try:
-        refuse_near_builtin(args.model, EMBEDDED_MODELS, "model")
-    except FileNotFoundError as err:
-        raise FileNotFoundError(f"--model {err}") from None
+    refuse_near_builtin(args.model, EMBEDDED_MODELS, "model", option="--model ")
     stats = build_pairs(
         args.task,
         model=args.model,
