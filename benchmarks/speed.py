@@ -368,10 +368,13 @@ def train_step(entry: Entry, device: str) -> float:
     `training_step` each, then the optimizer. Returns the summed loss."""
     trainer = entry.trainer
     fresh = [dict(batch) for batch in entry.batches]  # get_batch_samples may add keys (the anchors)
-    batches, _ = trainer.get_batch_samples(iter(fresh), len(fresh), trainer.args.device)
+    # Outside `trainer.train()` accelerate has not wrapped the model's forward in autocast: enter it
+    # around everything that runs the model, the same way for every configuration (a no-op without
+    # bf16). That includes get_batch_samples, which decodes the anchors of accumulated micro-batches:
+    # in a real run those forwards are autocast too (rounds 8-9 timed them in float32).
+    with trainer.accelerator.autocast():
+        batches, _ = trainer.get_batch_samples(iter(fresh), len(fresh), trainer.args.device)
     loss = 0.0
-    # Outside `trainer.train()` accelerate has not wrapped the forward in autocast: enter it here, the
-    # same way for every configuration (a no-op without bf16).
     for batch in batches:
         with trainer.accelerator.autocast():
             loss += trainer.training_step(trainer.model, batch)
@@ -444,9 +447,11 @@ def profile_config(entry: Entry, device: str, rows: int = 25) -> None:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     with profile(activities=activities, record_shapes=False) as prof:
         train_step(entry, device)
-    sort = "cuda_time_total" if device == "cuda" else "cpu_time_total"
     print(f"\n== torch.profiler: one step of {entry.name} ==")
-    print(prof.key_averages().table(sort_by=sort, row_limit=rows))
+    table = prof.key_averages()
+    # On a GPU, by device time (what the kernels cost) and by host time (what launching them costs).
+    for sort in (["device_time_total"] if device == "cuda" else []) + ["cpu_time_total"]:
+        print(table.table(sort_by=sort, row_limit=rows))
 
 
 # --------------------------------------------------------------------------- report

@@ -79,3 +79,27 @@ def test_speed_benchmark_rejects_unknown_configs(speed, capsys) -> None:
     with pytest.raises(SystemExit):
         speed.parse_args(["--configs", "dpo,ti_fast"])
     assert "unknown configs ['ti_fast']" in capsys.readouterr().err
+
+
+def test_speed_benchmark_decodes_anchors_in_the_runs_precision(speed, monkeypatch) -> None:
+    # In a real bf16 run every model forward is autocast (accelerate wraps it in `train()`), also the
+    # anchors that get_batch_samples decodes for accumulated micro-batches; the benchmark, which calls
+    # the trainer's steps itself, must decode them the same way (rounds 8-9 timed them in float32).
+    import torch
+
+    import tidpo.generation as generation
+
+    eager_step, autocast = generation._eager_step, []
+
+    def spy(model, *args):
+        autocast.append(torch.is_autocast_enabled("cpu"))
+        return eager_step(model, *args)
+
+    monkeypatch.setattr(generation, "_eager_step", spy)
+    argv = [
+        "--model", "tiny", "--hidden", "64", "--layers", "2", "--seq-len", "48", "--batch-size", "2",
+        "--grad-accum", "2", "--steps", "1", "--warmup", "0", "--anchor-tokens", "4", "--configs",
+        "dpo,ti_full", "--no-memory", "--bf16", "--device", "cpu",
+    ]  # fmt: skip
+    speed.main(argv)
+    assert autocast and all(autocast), autocast
