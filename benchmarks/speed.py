@@ -340,6 +340,11 @@ def build_entry(name: str, args, models, rows, workdir: str) -> Entry:
     if args.gradient_checkpointing:
         # `Trainer.train()` turns it on; these steps run without train(), so do what it does.
         trainer.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # `Trainer.train()` gives the model to accelerate, which under bf16 makes its forward
+    # convert_outputs_to_fp32(autocast(forward)) (the reference got that at construction, in both
+    # trainers); these steps run without train(), so do what it does. Code outside the forwards then
+    # runs outside autocast, as in a run.
+    trainer.model_wrapped = trainer.accelerator.prepare_model(trainer.model)
     trainer.create_optimizer()
     # Set by `Trainer.train()`'s loop, read by `training_step` (it divides the loss by it).
     trainer.current_gradient_accumulation_steps = args.grad_accum
@@ -368,16 +373,13 @@ def train_step(entry: Entry, device: str) -> float:
     `training_step` each, then the optimizer. Returns the summed loss."""
     trainer = entry.trainer
     fresh = [dict(batch) for batch in entry.batches]  # get_batch_samples may add keys (the anchors)
-    # Outside `trainer.train()` accelerate has not wrapped the model's forward in autocast: enter it
-    # around everything that runs the model, the same way for every configuration (a no-op without
-    # bf16). That includes get_batch_samples, which decodes the anchors of accumulated micro-batches:
-    # in a real run those forwards are autocast too (rounds 8-9 timed them in float32).
-    with trainer.accelerator.autocast():
-        batches, _ = trainer.get_batch_samples(iter(fresh), len(fresh), trainer.args.device)
+    # Every model forward runs under the autocast accelerate put into it (`build_entry`), also those
+    # of get_batch_samples, which decodes the anchors of accumulated micro-batches (rounds 8-9 entered
+    # autocast around training_step only, and timed those in float32).
+    batches, _ = trainer.get_batch_samples(iter(fresh), len(fresh), trainer.args.device)
     loss = 0.0
     for batch in batches:
-        with trainer.accelerator.autocast():
-            loss += trainer.training_step(trainer.model, batch)
+        loss += trainer.training_step(trainer.model, batch)
     trainer.optimizer.step()
     trainer.optimizer.zero_grad(set_to_none=True)
     trainer.state.global_step += 1  # new anchors every step, as in a real run

@@ -8,6 +8,7 @@ mocks. DeepSpeed and FSDP need GPUs and are not exercised here (docs/scaling.md 
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import os
@@ -372,3 +373,35 @@ def test_accelerate_configs_load_with_accelerate():
     assert kinds["zero2"][:2] == ("DistributedType.DEEPSPEED", 2)
     assert kinds["zero3"][:2] == ("DistributedType.DEEPSPEED", 3)
     assert kinds["fsdp"][0].endswith("FSDP") and kinds["fsdp"][2] == 2
+
+
+@pytest.mark.parametrize("bound", [True, False])
+def test_outputs_in_forward_dtype_skips_accelerates_float32_copy_and_restores_it(tiny_tok, bound):
+    # accelerate wraps a prepared model's forward under bf16 as convert_outputs_to_fp32(autocast(forward)),
+    # as a bound method (models) or a plain function (other callables); inside the block the logits keep
+    # autocast's bf16, outside (and after an error inside) the wrapper is back.
+    from accelerate import Accelerator
+
+    from tidpo.models import tiny_causal_lm
+    from tidpo.training.distributed import outputs_in_forward_dtype
+
+    model = tiny_causal_lm("llama", tokenizer=tiny_tok)
+    if not bound:
+        # A forward without __func__ (as MS-AMP leaves it): accelerate wraps it as a plain function.
+        model.forward = functools.partial(type(model).forward, model)
+    ids = torch.tensor([[5, 6, 7]])
+    with outputs_in_forward_dtype(model):  # not prepared: nothing to skip
+        assert model(input_ids=ids).logits.dtype == torch.float32
+    model = Accelerator(cpu=True, mixed_precision="bf16").prepare_model(model)
+    wrapped = model.forward
+    assert hasattr(wrapped, "__func__") == bound
+    assert model(input_ids=ids).logits.dtype == torch.float32
+    with outputs_in_forward_dtype(model):
+        assert model(input_ids=ids).logits.dtype == torch.bfloat16
+        with outputs_in_forward_dtype(model):  # nested: the inner block finds no wrapper
+            assert model(input_ids=ids).logits.dtype == torch.bfloat16
+        assert model(input_ids=ids).logits.dtype == torch.bfloat16
+    assert model.forward == wrapped and model(input_ids=ids).logits.dtype == torch.float32
+    with pytest.raises(RuntimeError, match="boom"), outputs_in_forward_dtype(model):
+        raise RuntimeError("boom")
+    assert model.forward == wrapped

@@ -81,25 +81,39 @@ def test_speed_benchmark_rejects_unknown_configs(speed, capsys) -> None:
     assert "unknown configs ['ti_fast']" in capsys.readouterr().err
 
 
-def test_speed_benchmark_decodes_anchors_in_the_runs_precision(speed, monkeypatch) -> None:
-    # In a real bf16 run every model forward is autocast (accelerate wraps it in `train()`), also the
-    # anchors that get_batch_samples decodes for accumulated micro-batches; the benchmark, which calls
-    # the trainer's steps itself, must decode them the same way (rounds 8-9 timed them in float32).
+def test_speed_benchmark_runs_the_models_as_train_does(speed, monkeypatch) -> None:
+    # In a real bf16 run accelerate wraps every model forward in autocast inside `train()`, also the
+    # forwards that decode the anchors of accumulated micro-batches in get_batch_samples; the benchmark,
+    # which calls the trainer's steps itself, must prepare the models the same way (rounds 8-9 timed
+    # those decodes in float32): every layer of every forward, both trainers', runs under autocast.
     import torch
 
     import tidpo.generation as generation
 
-    eager_step, autocast = generation._eager_step, []
+    eager_step, decoding, autocast = generation._eager_step, [False], []
 
     def spy(model, *args):
-        autocast.append(torch.is_autocast_enabled("cpu"))
-        return eager_step(model, *args)
+        decoding[0] = True
+        try:
+            return eager_step(model, *args)
+        finally:
+            decoding[0] = False
+
+    def linear_precision(module, _inputs):
+        if isinstance(module, torch.nn.Linear):
+            autocast.append((decoding[0], torch.is_autocast_enabled("cpu")))
 
     monkeypatch.setattr(generation, "_eager_step", spy)
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(linear_precision)
     argv = [
         "--model", "tiny", "--hidden", "64", "--layers", "2", "--seq-len", "48", "--batch-size", "2",
         "--grad-accum", "2", "--steps", "1", "--warmup", "0", "--anchor-tokens", "4", "--configs",
-        "dpo,ti_full", "--no-memory", "--bf16", "--device", "cpu",
+        "dpo,trl_dpo,ti_full", "--no-memory", "--bf16", "--device", "cpu",
     ]  # fmt: skip
-    speed.main(argv)
-    assert autocast and all(autocast), autocast
+    try:
+        results = speed.main(argv)
+    finally:
+        hook.remove()
+    assert any(decoded for decoded, _ in autocast), "no anchors were decoded"
+    assert all(on for _, on in autocast), [call for call in autocast if not call[1]][:5]
+    assert results["first_batch_loss"]["trl"] == pytest.approx(results["first_batch_loss"]["ours"], abs=1e-3)

@@ -137,6 +137,95 @@ def test_fused_ti_dpo_step_peak_memory_stays_near_dpo(tmp_path, tiny_tok, pairs_
     assert peaks["ti_fused_kl"] <= peaks["dpo"] + logits_bytes + 2 * block, (peaks, logits_bytes)
 
 
+def _no_output_dtype_kept(monkeypatch) -> None:
+    """Give back accelerate's float32 copy of every output (the behaviour before the trainer skipped it)."""
+    import contextlib
+
+    import tidpo.training.trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "outputs_in_forward_dtype", lambda module: contextlib.nullcontext())
+
+
+def _bf16_prepared(trainer: TIDPOTrainer) -> TIDPOTrainer:
+    # What Trainer.train() does to the model under bf16: accelerate wraps its forward as
+    # convert_outputs_to_fp32(autocast(forward)) (the reference got the same at construction).
+    trainer.model = trainer.model_wrapped = trainer.accelerator.prepare_model(trainer.model)
+    return trainer
+
+
+@pytest.mark.parametrize("keep_dtype", [True, False])
+def test_bf16_run_holds_no_float32_logits(tmp_path, tiny_tok, pairs_dataset, keep_dtype, monkeypatch):
+    """Under bf16 mixed precision accelerate returns every forward's outputs as float32 copies; for the
+    [B, T, V] logits that copy, kept for the backward, plus its float32 gradient would be two full
+    float32 tensors. The trainer's forwards keep their bf16 logits (the kernels upcast block by block):
+    a DPO step holds the bf16 logits and their bf16 gradient, and TI-DPO without the triplet stays
+    within 1.15x of it. With accelerate's copies (keep_dtype=False) the same bound fails."""
+    if not keep_dtype:
+        _no_output_dtype_kept(monkeypatch)
+    vocab = 32768
+    base = tiny_causal_lm("llama", tokenizer=tiny_tok, vocab_size=vocab, hidden_size=32, num_layers=1)
+    peaks = {}
+    for name, overrides in {
+        "dpo": {"loss_type": "dpo"},
+        "ti_fused": {"gamma": 0.0, "tdpo_alpha": 0.0},
+    }.items():
+        trainer = TIDPOTrainer(
+            copy.deepcopy(base),
+            args=make_config(tmp_path, bf16=True, **overrides),
+            train_dataset=pairs_dataset,
+            processing_class=tiny_tok,
+        )
+        _bf16_prepared(trainer)
+        perturb(trainer.model, seed=6, scale=0.02)
+        batch = first_batch(trainer)
+        trainer.model.train()
+
+        def step(trainer=trainer, batch=batch) -> None:
+            trainer.compute_loss(trainer.model, batch).backward()
+
+        step()
+        trainer.model.zero_grad(set_to_none=True)
+        peaks[name] = peak_tensor_bytes(step)
+        trainer.model.zero_grad(set_to_none=True)
+    bf16_logits = batch["input_ids"].numel() * vocab * 2
+    block = CPU_BLOCK_BYTES
+    assert bf16_logits > 2 * block
+    bound = 2 * bf16_logits + block  # the bf16 logits and their bf16 gradient, and a working block
+    if keep_dtype:
+        assert peaks["dpo"] <= bound, (peaks, bf16_logits)
+        assert peaks["ti_fused"] <= 1.15 * peaks["dpo"], (peaks, bf16_logits)
+    else:
+        assert peaks["dpo"] > bound, (peaks, bf16_logits)
+
+
+def test_bf16_run_keeping_the_logits_dtype_changes_no_number(tmp_path, tiny_tok, pairs_dataset, monkeypatch):
+    """bf16 -> float32 is exact and the kernels compute in float32 either way: full TI-DPO (KL, triplet)
+    gives the same loss, metrics and gradients with the bf16 logits as with accelerate's float32 copy."""
+    base = tiny_causal_lm("llama", tokenizer=tiny_tok)
+    perturb(base, seed=3)
+    results = []
+    for keep_dtype in (True, False):
+        if not keep_dtype:
+            _no_output_dtype_kept(monkeypatch)
+        trainer = TIDPOTrainer(
+            copy.deepcopy(base),
+            args=make_config(tmp_path, bf16=True, gamma=0.1, tdpo_alpha=0.5),
+            train_dataset=pairs_dataset,
+            processing_class=tiny_tok,
+        )
+        _bf16_prepared(trainer)
+        perturb(trainer.model, seed=6)  # policy != reference: KL, rewards and triplet are non-trivial
+        batch = first_batch(trainer)
+        torch.manual_seed(0)
+        results.append((*loss_and_grads(trainer, batch), last_metrics(trainer)))
+    (loss, grads, _, metrics), (loss_fp32, grads_fp32, _, metrics_fp32) = results
+    assert metrics["kl/chosen"] != 0 and metrics["triplet/loss"] != 0
+    assert loss == loss_fp32 and metrics == metrics_fp32
+    assert grads.keys() == grads_fp32.keys()
+    for name in grads:
+        assert torch.equal(grads[name], grads_fp32[name]), name
+
+
 def test_kl_under_checkpointing_holds_the_reference_hidden_states_not_its_logits(
     tmp_path, tiny_tok, pairs_dataset, monkeypatch
 ):

@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import types
 from collections.abc import Collection, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -48,6 +49,7 @@ __all__ = [
     "fused_attribution_supported",
     "global_sum_count",
     "is_fsdp",
+    "outputs_in_forward_dtype",
     "prepare_reference_model",
     "rank_slice",
     "reduce_batch_stats",
@@ -148,6 +150,33 @@ def _zero3_add_hooks(engine: Any) -> None:
         # The prefetch trace recorded before generation no longer matches the module order.
         coordinator._invalidate_trace()
     offload._register_deepspeed_module(offload.module)
+
+
+@contextlib.contextmanager
+def outputs_in_forward_dtype(module: nn.Module) -> Iterator[None]:
+    """Within the block, ``module``'s forward returns its outputs in the dtype it computed them in.
+
+    Under native mixed precision (bf16/fp16 without DeepSpeed) accelerate makes a prepared model's
+    forward ``convert_outputs_to_fp32(autocast(forward))``: the ``[B, T, V]`` logits come back as a
+    float32 copy, which the log-prob kernels keep for their backward and which makes their gradient
+    float32 too: two full float32 ``[B, T, V]`` tensors. Those kernels read the logits block by block in
+    float32 anyway (the same values: bf16 -> float32 is exact), so the copy only costs memory. Here the
+    forward keeps its autocast and skips the conversion; code that reads the outputs outside it
+    upcasts what it needs. A no-op for forwards without that wrapper (float32, DeepSpeed).
+    """
+    from accelerate.utils.operations import ConvertOutputsToFp32
+
+    forward = module.__dict__.get("forward")  # the instance attribute accelerate sets
+    convert = getattr(getattr(forward, "__func__", forward), "__wrapped__", None)
+    if not isinstance(convert, ConvertOutputsToFp32):
+        yield
+        return
+    inner = convert.model_forward  # autocast(original forward), a function or a bound method
+    module.forward = types.MethodType(inner, module) if hasattr(forward, "__func__") else inner
+    try:
+        yield
+    finally:
+        module.forward = forward
 
 
 @contextlib.contextmanager

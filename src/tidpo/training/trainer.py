@@ -77,6 +77,7 @@ from tidpo.training.distributed import (
     fused_attribution_supported,
     global_sum_count,
     is_fsdp,
+    outputs_in_forward_dtype,
     prepare_reference_model,
     rank_slice,
     reduce_batch_stats,
@@ -605,7 +606,7 @@ class TIDPOTrainer(Trainer):
             adapters_off = adapter_active(ref, self._reference_adapter)
         else:
             adapters_off = ref.disable_adapter()
-        with torch.no_grad(), adapters_off:
+        with torch.no_grad(), adapters_off, outputs_in_forward_dtype(self.accelerator.unwrap_model(ref)):
             if prefix_only:
                 ref(**kwargs)
                 return None
@@ -1091,7 +1092,7 @@ class TIDPOTrainer(Trainer):
         # The prompt caches only read or capture keys, so checkpointed layers may keep them (prompt_cache).
         keep_cache = keep_cache_when_checkpointing(bare) if cache is not None else contextlib.nullcontext()
         try:
-            with keep_cache:
+            with keep_cache, outputs_in_forward_dtype(bare):
                 outputs = model(
                     input_ids=ids,
                     attention_mask=attn,
