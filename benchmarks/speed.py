@@ -210,7 +210,12 @@ def load_models(args) -> tuple[Any, Any, Any, Any]:
     if args.model == "tiny":
         tokenizer = tiny_tokenizer()
         ref = tiny_causal_lm(
-            "llama", hidden_size=args.hidden, num_layers=args.layers, seed=args.seed, tokenizer=tokenizer
+            "llama",
+            vocab_size=args.vocab or None,
+            hidden_size=args.hidden,
+            num_layers=args.layers,
+            seed=args.seed,
+            tokenizer=tokenizer,
         )
         policy = copy.deepcopy(ref)
         # Move the policy off the reference so the DPO loss (and the parity check) is not log 2.
@@ -580,6 +585,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--hidden", type=int, default=256, help="tiny: hidden size")
     p.add_argument("--layers", type=int, default=4, help="tiny: number of layers")
+    p.add_argument(
+        "--vocab",
+        type=int,
+        default=0,
+        help="tiny: output vocabulary (0 = the tokenizer's 320; the texts use those ids, a larger one "
+        "gives the [B, T, V] tensors of a real model's size)",
+    )
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (both trainers)")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument(

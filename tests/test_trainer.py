@@ -674,9 +674,9 @@ def test_attention_dropout_is_off_by_default_and_never_reaches_the_attribution(
 def test_bf16_mixed_precision_trains_and_starts_at_zero_kl(
     tmp_path, tiny_tok, tiny_llama, pairs_dataset, weights, checkpointing
 ):
-    """bf16 autocast (accelerate wraps the forward; its outputs come back float32): the fused attribution's
-    output-layer call and the checkpointed KL's reference head run in the forward's precision, so a bf16
-    model trains and, with the policy equal to the reference, step 1 has KL 0 and loss log 2 (up to
+    """bf16 autocast (accelerate wraps the forward; the trainer keeps its outputs' dtype): the fused
+    attribution's output-layer call and the checkpointed KL's reference head run in the forward's
+    precision, so a bf16 model trains and, with the policy equal to the reference, step 1 has KL 0 and loss log 2 (up to
     rounding: on CPUs without AVX-512 the grad and no-grad bf16 forwards can differ in the last bits, KL
     ~4e-10, where a forward outside the autocast gives ~1e-6)."""
     args = make_config(

@@ -23,7 +23,9 @@ step() {  # step <seconds> <log name> <command...>
 }
 # 1. Target 2 at 64 pairs per optimizer step (1B shapes): the anchors of the 4 micro-batches in one loop
 #    of 64 rows and, apart, 4 loops of 16; one step of ti_full profiled. perf_hints logs CUDA graphs that
-#    torch.compile skipped. (Rounds 8-9 decoded the 64-row loop in float32: speed.py lacked autocast there.)
+#    torch.compile skipped. (Rounds 8-9 decoded the 64-row loop in float32: speed.py lacked autocast there.
+#    Since session 14 speed.py prepares the models as train() does: tidpo's logits stay bf16, TRL's
+#    come back as accelerate's float32 copies and its output layer runs outside autocast, as in its runs.)
 TORCH_LOGS=perf_hints step 170 l1b_accum4.log python3 benchmarks/speed.py $B --arch-dir $L --batch-size 16 --grad-accum 4 --steps 3 --no-memory --configs dpo,ti_full,ti_full_apart --profile ti_full --json "$OUT/l1b_accum4.json"
 # 2. The issue's table on SmolLM2 (full fine-tuning), 10 steps (target 1 sat at 1.27-1.29x in round 9's
 #    6 steps, 1.46-1.48x in round 8's), then the 1B shapes at 16 pairs.

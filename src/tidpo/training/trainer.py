@@ -628,7 +628,7 @@ class TIDPOTrainer(Trainer):
     def _autocast_dtype(self, device_type: str) -> torch.dtype | None:
         """The dtype the models' matmuls run in under mixed precision, or None without it.
 
-        Accelerate runs the model's forward under autocast (and converts its outputs to float32); code
+        Accelerate runs the model's forward under autocast (see `outputs_in_forward_dtype`); code
         outside the forward that redoes one of its matmuls (an output layer) must use the same dtype.
         """
         if torch.is_autocast_enabled(device_type):
@@ -1243,7 +1243,7 @@ class TIDPOTrainer(Trainer):
             head = policy.get_output_embeddings()
             hidden_logits = None
             if head is not None:
-                # As the forward computed the logits: under its autocast (its outputs come back float32).
+                # As the forward computed the logits: under its autocast.
                 with self._forward_precision(ids.device.type):
                     hidden_logits = head(outputs.hidden_states[-1][rows, last])
             if hidden_logits is not None and torch.allclose(
