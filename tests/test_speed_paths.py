@@ -97,46 +97,6 @@ def test_bf16_fused_and_separate_attribution_agree(tmp_path, tiny_tok, bf16_llam
         assert diff <= 5e-2 * g_s[name].norm() + 1e-6, (name, float(diff), float(g_s[name].norm()))
 
 
-def test_fused_ti_dpo_step_peak_memory_stays_near_dpo(tmp_path, tiny_tok, pairs_dataset):
-    """With a vocabulary large enough that logits dominate, no step holds extra [B, T, V] float32 copies:
-    DPO holds the policy logits and their gradient (plus cache-sized blocks), the fused TI-DPO step
-    (gamma = 0, alpha = 0) at most 1.15x that, and the sequential KL adds only the reference logits it
-    needs in its backward."""
-    vocab = 8192
-    base = tiny_causal_lm("llama", tokenizer=tiny_tok, vocab_size=vocab, hidden_size=32, num_layers=1)
-    peaks = {}
-    for name, overrides in {
-        "dpo": {"loss_type": "dpo"},
-        "ti_fused": {"gamma": 0.0, "tdpo_alpha": 0.0},
-        "ti_fused_kl": {"gamma": 0.0, "tdpo_alpha": 0.5},
-    }.items():
-        trainer = TIDPOTrainer(
-            copy.deepcopy(base),
-            args=make_config(tmp_path, **overrides),
-            train_dataset=pairs_dataset,
-            processing_class=tiny_tok,
-        )
-        perturb(trainer.model, seed=6, scale=0.02)
-        batch = first_batch(trainer)
-        trainer.model.train()
-
-        def step(trainer=trainer, batch=batch) -> None:
-            trainer.compute_loss(trainer.model, batch).backward()
-
-        step()  # allocations of a first call (lazy inits) are not what is compared
-        trainer.model.zero_grad(set_to_none=True)
-        peaks[name] = peak_tensor_bytes(step)
-        trainer.model.zero_grad(set_to_none=True)
-    logits_bytes = batch["input_ids"].numel() * vocab * 4
-    block = CPU_BLOCK_BYTES  # the chunk kernels' working blocks (a few alive at once)
-    assert logits_bytes > 2 * block  # the logits span several blocks: chunking is exercised
-    # Policy logits + their gradient, and a few blocks; a third full-size float32 tensor would fail this.
-    assert logits_bytes <= peaks["dpo"] <= 2 * logits_bytes + 3 * block, (peaks, logits_bytes)
-    assert peaks["ti_fused"] <= 1.15 * peaks["dpo"], (peaks, logits_bytes)
-    # The KL keeps the reference logits for its backward, and nothing else of full size.
-    assert peaks["ti_fused_kl"] <= peaks["dpo"] + logits_bytes + 2 * block, (peaks, logits_bytes)
-
-
 def _no_output_dtype_kept(monkeypatch) -> None:
     """Give back accelerate's float32 copy of every output (the behaviour before the trainer skipped it)."""
     import contextlib
@@ -153,29 +113,21 @@ def _bf16_prepared(trainer: TIDPOTrainer) -> TIDPOTrainer:
     return trainer
 
 
-@pytest.mark.parametrize("keep_dtype", [True, False])
-def test_bf16_run_holds_no_float32_logits(tmp_path, tiny_tok, pairs_dataset, keep_dtype, monkeypatch):
-    """Under bf16 mixed precision accelerate returns every forward's outputs as float32 copies; for the
-    [B, T, V] logits that copy, kept for the backward, plus its float32 gradient would be two full
-    float32 tensors. The trainer's forwards keep their bf16 logits (the kernels upcast block by block):
-    a DPO step holds the bf16 logits and their bf16 gradient, and TI-DPO without the triplet stays
-    within 1.15x of it. With accelerate's copies (keep_dtype=False) the same bound fails."""
-    if not keep_dtype:
-        _no_output_dtype_kept(monkeypatch)
-    vocab = 32768
+def step_peaks(tmp_path, tiny_tok, pairs_dataset, vocab: int, configs: dict, bf16: bool = False):
+    """Peak tensor bytes of one ``compute_loss`` + backward per configuration, on a one-layer model whose
+    logits dominate (after one call that is not compared: lazy inits). ``bf16``: the model prepared as
+    ``Trainer.train()`` prepares it under bf16 mixed precision. Returns (peaks, the batch)."""
     base = tiny_causal_lm("llama", tokenizer=tiny_tok, vocab_size=vocab, hidden_size=32, num_layers=1)
     peaks = {}
-    for name, overrides in {
-        "dpo": {"loss_type": "dpo"},
-        "ti_fused": {"gamma": 0.0, "tdpo_alpha": 0.0},
-    }.items():
+    for name, overrides in configs.items():
         trainer = TIDPOTrainer(
             copy.deepcopy(base),
-            args=make_config(tmp_path, bf16=True, **overrides),
+            args=make_config(tmp_path, bf16=bf16, **overrides),
             train_dataset=pairs_dataset,
             processing_class=tiny_tok,
         )
-        _bf16_prepared(trainer)
+        if bf16:
+            _bf16_prepared(trainer)
         perturb(trainer.model, seed=6, scale=0.02)
         batch = first_batch(trainer)
         trainer.model.train()
@@ -187,6 +139,43 @@ def test_bf16_run_holds_no_float32_logits(tmp_path, tiny_tok, pairs_dataset, kee
         trainer.model.zero_grad(set_to_none=True)
         peaks[name] = peak_tensor_bytes(step)
         trainer.model.zero_grad(set_to_none=True)
+    return peaks, batch
+
+
+def test_fused_ti_dpo_step_peak_memory_stays_near_dpo(tmp_path, tiny_tok, pairs_dataset):
+    """With a vocabulary large enough that logits dominate, no step holds extra [B, T, V] float32 copies:
+    DPO holds the policy logits and their gradient (plus cache-sized blocks), the fused TI-DPO step
+    (gamma = 0, alpha = 0) at most 1.15x that, and the sequential KL adds only the reference logits it
+    needs in its backward."""
+    vocab = 8192
+    configs = {
+        "dpo": {"loss_type": "dpo"},
+        "ti_fused": {"gamma": 0.0, "tdpo_alpha": 0.0},
+        "ti_fused_kl": {"gamma": 0.0, "tdpo_alpha": 0.5},
+    }
+    peaks, batch = step_peaks(tmp_path, tiny_tok, pairs_dataset, vocab, configs)
+    logits_bytes = batch["input_ids"].numel() * vocab * 4
+    block = CPU_BLOCK_BYTES  # the chunk kernels' working blocks (a few alive at once)
+    assert logits_bytes > 2 * block  # the logits span several blocks: chunking is exercised
+    # Policy logits + their gradient, and a few blocks; a third full-size float32 tensor would fail this.
+    assert logits_bytes <= peaks["dpo"] <= 2 * logits_bytes + 3 * block, (peaks, logits_bytes)
+    assert peaks["ti_fused"] <= 1.15 * peaks["dpo"], (peaks, logits_bytes)
+    # The KL keeps the reference logits for its backward, and nothing else of full size.
+    assert peaks["ti_fused_kl"] <= peaks["dpo"] + logits_bytes + 2 * block, (peaks, logits_bytes)
+
+
+@pytest.mark.parametrize("keep_dtype", [True, False])
+def test_bf16_run_holds_no_float32_logits(tmp_path, tiny_tok, pairs_dataset, keep_dtype, monkeypatch):
+    """Under bf16 mixed precision accelerate returns every forward's outputs as float32 copies; for the
+    [B, T, V] logits that copy, kept for the backward, plus its float32 gradient would be two full
+    float32 tensors. The trainer's forwards keep their bf16 logits (the kernels upcast block by block):
+    a DPO step holds the bf16 logits and their bf16 gradient, and TI-DPO without the triplet stays
+    within 1.15x of it. With accelerate's copies (keep_dtype=False) the same bound fails."""
+    if not keep_dtype:
+        _no_output_dtype_kept(monkeypatch)
+    vocab = 32768
+    configs = {"dpo": {"loss_type": "dpo"}, "ti_fused": {"gamma": 0.0, "tdpo_alpha": 0.0}}
+    peaks, batch = step_peaks(tmp_path, tiny_tok, pairs_dataset, vocab, configs, bf16=True)
     bf16_logits = batch["input_ids"].numel() * vocab * 2
     block = CPU_BLOCK_BYTES
     assert bf16_logits > 2 * block
