@@ -592,7 +592,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="tiny: output vocabulary (0 = the tokenizer's 320; the texts use those ids, a larger one "
         "gives the [B, T, V] tensors of a real model's size)",
     )
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast (both trainers)")
+    p.add_argument(
+        "--bf16", action="store_true", help="bf16 mixed precision as train() runs it (both trainers)"
+    )
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument(
         "--share-prompt",
