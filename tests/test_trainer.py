@@ -676,9 +676,9 @@ def test_bf16_mixed_precision_trains_and_starts_at_zero_kl(
 ):
     """bf16 autocast (accelerate wraps the forward; the trainer keeps its outputs' dtype): the fused
     attribution's output-layer call and the checkpointed KL's reference head run in the forward's
-    precision, so a bf16 model trains and, with the policy equal to the reference, step 1 has KL 0 and loss log 2 (up to
-    rounding: on CPUs without AVX-512 the grad and no-grad bf16 forwards can differ in the last bits, KL
-    ~4e-10, where a forward outside the autocast gives ~1e-6)."""
+    precision, so a bf16 model trains and, with the policy equal to the reference, step 1 has KL 0 and
+    loss log 2 (up to rounding: on CPUs without AVX-512 the grad and no-grad bf16 forwards can differ in
+    the last bits, KL ~4e-10, where a forward outside the autocast gives ~1e-6)."""
     args = make_config(
         tmp_path, bf16=True, gamma=0.0, max_steps=1, gradient_checkpointing=checkpointing, learning_rate=1e-3
     )
